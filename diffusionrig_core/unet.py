@@ -1,0 +1,292 @@
+"""The denoiser: OpenAI's ADM UNet with DiffusionRig's two FiLM conditionings.
+
+Module and parameter names follow the official code so its state dicts load key for key
+(``time_embed``, ``input_blocks``, ``middle_block``, ``output_blocks``, ``out``; ResBlock leaves
+``in_layers``, ``emb_layers``, ``cond_emb_layers``, ``out_layers``, ``skip_connection``; attention
+leaves ``norm``, ``qkv``, ``proj_out``). Registration order matters: it is the state-dict order.
+
+What DiffusionRig changes with respect to ADM (docs: OFFICIAL_SPEC 2.2-2.4):
+* the input is ``cat([x_t, rendered, normal, albedo])`` (12 channels);
+* every ResBlock also receives the global latent ``z`` through ``cond_emb_layers`` = SiLU -> Linear
+  (SiLU on the *raw* latent), applied as a second FiLM right after the time FiLM.
+
+The float32 path is the reference (parity with the official outputs). The attention blocks can
+switch to ``torch.nn.functional.scaled_dot_product_attention`` (same maths, fused kernels) and the
+whole network runs under bf16 autocast in the fast path (``fast.py``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back, as the official ``normalization``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def normalization(channels: int) -> GroupNorm32:
+    # Always 32 groups: every width (decoder concatenations included) must be divisible by 32.
+    return GroupNorm32(32, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cosines first, frequencies in float32 (bit-compatible with official)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class ResBlock(nn.Module):
+    """ADM residual block with time FiLM then latent FiLM after the output GroupNorm.
+
+    ``up``/``down`` blocks resample (nearest x2 / 2x2 average) between the input norm+SiLU and the
+    first conv, and resample the skip path the same way; they keep the channel count.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        latent_dim: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_scale_shift_norm: bool = True,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.channels, self.out_channels = channels, out_channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.up, self.down = up, down
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        )
+        # The official latent projection is always 2*out (which is why scale_shift=False crashes there).
+        self.cond_emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(latent_dim, 2 * out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        if out_channels == channels:
+            self.skip_connection: nn.Module = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.down:
+            return F.avg_pool2d(x, kernel_size=2, stride=2)
+        return x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.up or self.down:
+            norm, act, conv = self.in_layers
+            h = conv(self._resample(act(norm(x))))
+            x = self._resample(x)
+        else:
+            h = self.in_layers(x)
+        e = self.emb_layers(emb).to(h.dtype)[..., None, None]
+        g = self.cond_emb_layers(z).to(h.dtype)[..., None, None]
+        out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = out_norm(h) * (1 + scale) + shift
+        else:
+            # Kept for option completeness; the official code crashes below (2*out latent projection).
+            h = out_norm(h + e)
+        scale, shift = g.chunk(2, dim=1)
+        h = h * (1 + scale) + shift
+        h = out_rest(h)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention with a residual on the un-normalised input.
+
+    ``legacy_order`` (official default): the 3c qkv channels are laid out per head as [q k v].
+    Otherwise ("new" order) as [q | k | v], each then split into heads.
+    ``use_sdpa`` computes the same attention with PyTorch's fused kernel (fast path).
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, legacy_order: bool = True):
+        super().__init__()
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(f"{channels} attention channels are not divisible by num_head_channels={num_head_channels}")
+            self.num_heads = channels // num_head_channels
+        if channels % self.num_heads:
+            raise ValueError(f"{channels} attention channels are not divisible by {self.num_heads} heads")
+        self.channels = channels
+        self.legacy_order = legacy_order
+        self.use_sdpa = False
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_sdpa:
+            return self._forward_sdpa(x)
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = self._attention(self.qkv(self.norm(x)))
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Reference maths: q, k scaled by d^-1/4 each, softmax in float32."""
+        bs, width, length = qkv.shape
+        heads = self.num_heads
+        d = width // (3 * heads)
+        if self.legacy_order:
+            q, k, v = qkv.reshape(bs * heads, 3 * d, length).split(d, dim=1)
+        else:
+            q, k, v = (u.reshape(bs * heads, d, length) for u in qkv.chunk(3, dim=1))
+        scale = 1 / math.sqrt(math.sqrt(d))
+        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+        weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+        a = torch.einsum("bts,bcs->bct", weight, v)
+        return a.reshape(bs, -1, length)
+
+    def _forward_sdpa(self, x: torch.Tensor) -> torch.Tensor:
+        # Work token-major (B, T, C): with channels_last inputs every reshape here is a view.
+        b, c, hh, ww = x.shape
+        heads, d = self.num_heads, c // self.num_heads
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, hh * ww, c)
+        qkv = F.linear(tokens, self.qkv.weight[..., 0], self.qkv.bias)
+        if self.legacy_order:
+            qkv = qkv.view(b, hh * ww, heads, 3, d).permute(3, 0, 2, 1, 4)
+        else:
+            qkv = qkv.view(b, hh * ww, 3, heads, d).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, T, d); scale 1/sqrt(d)
+        a = a.transpose(1, 2).reshape(b, hh * ww, c)
+        out = F.linear(a, self.proj_out.weight[..., 0], self.proj_out.bias)
+        return x + out.view(b, hh, ww, c).permute(0, 3, 1, 2)
+
+
+class CondSequential(nn.Sequential):
+    """A Sequential whose ResBlocks also receive the time embedding and the latent."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb, z) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """ADM UNet conditioned on physical buffers (concatenated) and a global latent (FiLM)."""
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        latent_dim: int,
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2, 4, 8),
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = True,
+        resblock_updown: bool = True,
+        use_new_attention_order: bool = False,
+    ):
+        super().__init__()
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        # attention_resolutions are downsample factors here (the config converts feature-map sizes).
+        attention_ds = set(attention_resolutions)
+        emb_dim = model_channels * 4
+        legacy = not use_new_attention_order
+
+        def resblock(ch: int, out: int | None = None, up: bool = False, down: bool = False) -> ResBlock:
+            return ResBlock(ch, emb_dim, latent_dim, dropout, out, use_scale_shift_norm, up=up, down=down)
+
+        def attention(ch: int, heads: int) -> AttentionBlock:
+            return AttentionBlock(ch, heads, num_head_channels, legacy)
+
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([CondSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [resblock(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_ds:
+                    layers.append(attention(ch, num_heads))
+                self.input_blocks.append(CondSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                if not resblock_updown:
+                    raise NotImplementedError("resblock_updown=False (conv resampling) is not supported")
+                self.input_blocks.append(CondSequential(resblock(ch, ch, down=True)))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = CondSequential(resblock(ch), attention(ch, num_heads), resblock(ch))
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                skip = skip_chans.pop()
+                layers = [resblock(ch + skip, int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_ds:
+                    layers.append(attention(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(resblock(ch, ch, up=True))
+                    ds //= 2
+                self.output_blocks.append(CondSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(int(channel_mult[0] * model_channels), out_channels, 3, padding=1))
+        )
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """x (B,3,H,W), integer timesteps (B,), buffers (B,9,H,W), latent (B,latent_dim) -> (B,out,H,W)."""
+        if timesteps.dim() == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        h = torch.cat([x, buffers.to(x.dtype)], dim=1)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, latent)
+            skips.append(h)
+        h = self.middle_block(h, emb, latent)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, latent)
+        return self.out(h).to(x.dtype)
