@@ -109,7 +109,7 @@ class Portrait:
         )
 
 
-@dataclass
+@dataclass(eq=False)  # fields hold tensors and portraits: compare edits by identity
 class Edit:
     """One edit of a portrait. Every field is optional: None (or the neutral default) keeps the source's.
 
@@ -669,18 +669,20 @@ def encode(model, images: torch.Tensor) -> torch.Tensor:
 
 
 def _steps(steps: str | int) -> str:
-    if isinstance(steps, int) or (isinstance(steps, str) and steps.isdigit()):
-        n = int(steps)
-        if not 1 <= n <= 1000:
-            raise InputError(f"steps must be between 1 and 1000, got {n}")
-        return f"ddim{n}"
-    if not isinstance(steps, str) or not steps:
-        raise InputError(f"steps must be like 'ddim20' or a number of steps between 1 and 1000, got {steps!r}")
-    if steps.startswith("ddim"):
-        tail = steps[4:]
-        if not tail.isdigit() or not 1 <= int(tail) <= 1000:
-            raise InputError(f"steps {steps!r}: the number after 'ddim' must be between 1 and 1000")
-    return steps
+    """A step option ("ddim20", 50, "50", "10,10,10") -> the respacing string, validated."""
+    from .diffusion import resolve_steps, space_timesteps
+
+    if isinstance(steps, str) and steps.strip().isdigit():
+        steps = int(steps)
+    try:
+        spec = resolve_steps(steps)
+        space_timesteps(1000, spec)
+    except InputError:
+        raise
+    except Exception:
+        raise InputError(f"steps {steps!r} is not understood: use 'ddimN' or a number of steps N "
+                         "between 1 and 1000 (e.g. ddim20, 50)") from None
+    return spec
 
 
 def _seed_list(seeds: list[int] | int | None, n: int) -> list[int]:
@@ -730,6 +732,13 @@ def _fast_model(model, fast: bool | None):
     return fastpath.accelerate(model)
 
 
+def _progress(callback: Progress | None):
+    """Our callbacks are ``callback(done, total)``; the samplers call ``(index, total, x)``."""
+    if callback is None:
+        return None
+    return lambda k, total, x: callback(k + 1, total)
+
+
 def sample(model, buffers: torch.Tensor, latent: torch.Tensor, seeds: list[int] | int | None = None,
            steps: str | int = "ddim20", eta: float = 0.0, noise: torch.Tensor | None = None,
            callback: Progress | None = None, fast: bool | None = None) -> torch.Tensor:
@@ -755,7 +764,7 @@ def sample(model, buffers: torch.Tensor, latent: torch.Tensor, seeds: list[int] 
     model.eval()
     with torch.no_grad():
         x = sampling.ddim_sample(net, noise.to(dev, torch.float32), buffers, latent, steps=_steps(steps),
-                                 eta=float(eta), clip_denoised=True, seeds=seed_list, callback=callback)
+                                 eta=float(eta), clip_denoised=True, seeds=seed_list, callback=_progress(callback))
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
@@ -770,7 +779,7 @@ def invert(model, images: torch.Tensor, buffers: torch.Tensor, latent: torch.Ten
     model.eval()
     with torch.no_grad():
         return sampling.ddim_invert(model, images.to(buffers.device, torch.float32) * 2 - 1, buffers, latent,
-                                    steps=_steps(steps), callback=callback).float()
+                                    steps=_steps(steps), callback=_progress(callback)).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -908,9 +917,9 @@ def _latent_for(model, portrait: Portrait, edit: Edit, own: torch.Tensor) -> tor
 
 
 def _steps_count(steps: str) -> int:
-    from . import diffusion
+    from .diffusion import space_timesteps
 
-    return len(diffusion.space_timesteps(1000, steps))
+    return len(space_timesteps(1000, steps))
 
 
 def edit(model, portrait: Portrait, edits: Edit | list[Edit], rig, seed: int | None = None,
@@ -965,7 +974,7 @@ def edit(model, portrait: Portrait, edits: Edit | list[Edit], rig, seed: int | N
             src_params, _ = apply_edit(portrait, Edit(), mean_shape=getattr(net, "mean_shape", None))
             src_buffers = render(rig, portrait, src_params)
             start_noise[key] = _invert_chunks(net, portrait_dev.aligned, src_buffers, own_latent[key],
-                                              steps, batch_size, lambda d, t: tick())
+                                              steps, batch_size, lambda *_: tick())
 
     # every (photo, edit) job: buffers, latent, start noise
     jobs = []  # (i, j, model key, buffers (9,S,S), latent (D,), noise or None, seed, params)
@@ -988,7 +997,7 @@ def edit(model, portrait: Portrait, edits: Edit | list[Edit], rig, seed: int | N
             noise = torch.stack([job[5] for job in chunk]) if invert else None
             x = sample(net, torch.stack([job[3] for job in chunk]), torch.stack([job[4] for job in chunk]),
                        seeds=[job[6] for job in chunk], steps=steps, eta=eta, noise=noise,
-                       callback=lambda d, t: tick(), fast=fast)
+                       callback=lambda *_: tick(), fast=fast)
             for job, img in zip(chunk, _to_uint8(x)):
                 images[(job[0], job[1])] = img
 
