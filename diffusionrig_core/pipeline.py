@@ -117,8 +117,9 @@ class Edit:
     ``expression_from`` copies the expression code and the jaw; ``light_from`` copies the 9x3 SH light;
     ``latent_from`` copies the global latent (mix-and-match). Camera and albedo code are never changed.
     ``yaw``/``pitch``/``roll`` rotate the head relative to its pose; ``expression_strength`` blends the
-    source expression (0) toward the target (1) and beyond, or scales the source's own expression
-    when no target is given. ``light_intensity``/``light_color`` scale whatever light results.
+    source expression code (0) toward the target's (1) and beyond (the target's jaw too), or scales
+    the source's own expression and jaw when no target is given; a jaw given by value (``jaw``,
+    ``jaw_open``) is set exactly. ``light_intensity``/``light_color`` scale whatever light results.
     """
 
     light_from: Portrait | None = None
@@ -141,7 +142,7 @@ class Edit:
 
     # allowed ranges of the numeric fields (inclusive); the app builds its sliders from these
     RANGES = {
-        "yaw": (-90.0, 90.0), "pitch": (-60.0, 60.0), "roll": (-60.0, 60.0),
+        "yaw": (-90.0, 90.0), "pitch": (-90.0, 90.0), "roll": (-90.0, 90.0),
         "jaw_open": (0.0, 45.0), "expression_strength": (-2.0, 3.0),
         "light_intensity": (0.0, 10.0), "light_color": (0.0, 4.0),
     }
@@ -569,28 +570,25 @@ def apply_edit(portrait: Portrait, edit: Edit, mean_shape: torch.Tensor | None =
         gain = edit.light_intensity * torch.tensor(edit.light_color, dtype=torch.float32, device=dev)
         params["light"] = params["light"] * gain.reshape(1, 1, 3)
 
-    # expression (exp + jaw): a target, explicit values, and a strength blending from the source
+    # expression (exp + jaw). The strength blends the source's code toward a target's (or scales the
+    # source's own when there is no target); a jaw given by value is set exactly.
+    s = float(edit.expression_strength)
     src_exp, src_jaw = params["exp"].clone(), params["pose"][:, 3:].clone()
-    tgt_exp, tgt_jaw = None, None
+    tgt_exp = tgt_jaw = None
     if edit.expression_from is not None:
         tgt_exp = _take(edit.expression_from.params["exp"].to(dev), n)
         tgt_jaw = _take(edit.expression_from.params["pose"][:, 3:].to(dev), n)
     if edit.expression is not None:
         tgt_exp = edit.expression.to(dev).reshape(1, -1).expand(n, -1)
+    params["exp"] = src_exp * s if tgt_exp is None else src_exp + s * (tgt_exp - src_exp)
     if edit.jaw is not None:
-        tgt_jaw = torch.tensor(edit.jaw, dtype=torch.float32, device=dev).reshape(1, 3).expand(n, -1)
+        params["pose"][:, 3:] = torch.tensor(edit.jaw, dtype=torch.float32, device=dev).reshape(1, 3)
     elif edit.jaw_open is not None:
-        tgt_jaw = torch.tensor([math.radians(edit.jaw_open), 0.0, 0.0], device=dev).reshape(1, 3).expand(n, -1)
-    s = float(edit.expression_strength)
-    if tgt_exp is None and tgt_jaw is None:
-        if s != 1.0:  # no target: exaggerate or neutralise the source's own expression
-            params["exp"] = src_exp * s
-            params["pose"][:, 3:] = src_jaw * s
-    else:
-        if tgt_exp is not None:
-            params["exp"] = src_exp + s * (tgt_exp - src_exp)
-        if tgt_jaw is not None:
-            params["pose"][:, 3:] = src_jaw + s * (tgt_jaw - src_jaw)
+        params["pose"][:, 3:] = torch.tensor([math.radians(edit.jaw_open), 0.0, 0.0], device=dev).reshape(1, 3)
+    elif tgt_jaw is not None:
+        params["pose"][:, 3:] = src_jaw + s * (tgt_jaw - src_jaw)
+    elif tgt_exp is None:
+        params["pose"][:, 3:] = src_jaw * s
 
     # head pose: the target's global rotation, then a relative yaw/pitch/roll
     if edit.pose_from is not None:

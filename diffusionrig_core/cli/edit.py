@@ -62,7 +62,7 @@ def _add_edit(subparsers) -> None:
 
     g = p.add_argument_group("lighting (pick one source; intensity and colour apply to any)")
     g.add_argument("--light-from", metavar="T", help="copy the lighting (9x3 SH) of target photo T")
-    g.add_argument("--light-sh", nargs=27, type=float, metavar="V",
+    g.add_argument("--light-sh", nargs="+", type=float, metavar="V",
                    help="27 numbers: 9 spherical-harmonics coefficients x (R, G, B), in DECA's order")
     g.add_argument("--light-direction", nargs=3, type=float, metavar=("X", "Y", "Z"),
                    help="a directional light toward (X, Y, Z): x right, y up, z toward the camera")
@@ -73,8 +73,8 @@ def _add_edit(subparsers) -> None:
 
     g = p.add_argument_group("head pose (degrees, relative to the photo)")
     g.add_argument("--yaw", type=float, default=0.0, metavar="D", help="turn left/right, -90..90")
-    g.add_argument("--pitch", type=float, default=0.0, metavar="D", help="nod up/down, -60..60")
-    g.add_argument("--roll", type=float, default=0.0, metavar="D", help="tilt toward a shoulder, -60..60")
+    g.add_argument("--pitch", type=float, default=0.0, metavar="D", help="nod up/down, -90..90")
+    g.add_argument("--roll", type=float, default=0.0, metavar="D", help="tilt toward a shoulder, -90..90")
     g.add_argument("--pose-from", metavar="T", help="copy the global head rotation of target photo T (jaw kept)")
 
     g = p.add_argument_group("expression")
