@@ -1,0 +1,56 @@
+"""DiffusionRig's Gradio app: ``build_demo()`` returns the Blocks, ``launch()`` serves it.
+
+Importing this package is cheap (Gradio itself is imported by ``build_demo``); models and the
+face rig load on the first request. See docs/APP.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .app import AppConfig, Engine
+
+__all__ = ["AppConfig", "Engine", "build_demo", "launch"]
+
+
+def build_demo(config: AppConfig | None = None, engine: Engine | None = None, **config_kwargs: Any):
+    """The app's ``gr.Blocks`` with its queue set up. Give an ``AppConfig``, its fields as keywords,
+    or a ready ``Engine`` (tests share one)."""
+    from . import ui
+
+    if engine is None:
+        engine = Engine(config or AppConfig(**config_kwargs))
+    elif config is not None or config_kwargs:
+        raise TypeError("give either an engine or a config, not both")
+    demo = ui.build(engine)
+    # Each edit holds a model's activations: run only a few at once; the rest wait in line.
+    demo.queue(default_concurrency_limit=engine.config.concurrency_limit, max_size=64)
+    demo.diffusionrig_engine = engine  # for launch() and tests
+    return demo
+
+
+def launch(config: AppConfig | None = None, *, host: str = "127.0.0.1", port: int | None = 7860,
+           share: bool = False, open_browser: bool = False, block: bool = True, quiet: bool = False,
+           **config_kwargs: Any):
+    """Build and serve the app. ``block=False`` returns ``(demo, url)`` with the server running."""
+    from . import ui
+
+    demo = build_demo(config, **config_kwargs)
+    engine: Engine = demo.diffusionrig_engine
+    allowed = [str(p) for p in (engine.config.work_dir, *engine.models_dirs()) if p is not None]
+    if engine.config.model is not None:
+        allowed.append(str(Path(engine.config.model).parent))
+    _, local_url, share_url = demo.launch(
+        server_name=host, server_port=port, share=share, inbrowser=open_browser, quiet=quiet,
+        prevent_thread_lock=True, show_error=True, allowed_paths=allowed or None,
+        max_file_size=f"{int(engine.config.max_upload_mb * 4)}mb", css=ui.CSS, footer_links=["api", "gradio"],
+    )
+    url = share_url or local_url
+    if not block:
+        return demo, url
+    try:
+        demo.block_thread()
+    finally:
+        demo.close()
+    return demo, url
+
