@@ -1,0 +1,886 @@
+"""Stage 1 (generic prior) and Stage 2 (personal album) training: one loop for both.
+
+What follows the official recipe (docs/OFFICIAL_SPEC.md section 6):
+
+* Adam (betas 0.9/0.999, eps 1e-8, no weight decay), constant learning rate, gradient norm clipped
+  at 1.0 after the gradients are averaged, the epsilon loss with P2 weighting (gamma = k = 1),
+  uniform timesteps, dropout as the model config says (official 0.1, active in both stages).
+* Stage 1: DistributedDataParallel with ``broadcast_buffers=False``: BatchNorm running statistics
+  of the encoder are *not* synchronised across ranks and the saved model carries rank 0's (quirk 11).
+* Stage 2: the base model's weights, only ``denoisingUNet.*`` trainable, **the encoder left in train
+  mode** so its BatchNorm layers normalise with batch statistics and their running statistics drift
+  to the album (quirk 10; the personal model's encoder buffers differ from the base's and inference
+  uses them). ``TrainConfig.freeze_encoder_bn=True`` puts the encoder in eval mode instead.
+  Every batch is a random choice without replacement from the album held in memory.
+
+What differs, on purpose:
+
+* bfloat16 autocast on CUDA (official: float16 + GradScaler); float32 on the CPU.
+* Steps count updates: a checkpoint of step N holds exactly N updates (the official
+  ``model005000.pt`` holds 5001, quirk 22).
+* Everything random is seeded: the data order is a per-epoch permutation seeded by (seed, epoch),
+  timesteps and noise come from a generator seeded by (seed, step) and drawn for the *global*
+  batch, each rank taking its slice, so N ranks with batch B and one process with batch N*B and
+  ``micro_batch=B`` see identical samples. Dropout uses the global RNG, whose state per rank is
+  saved with every checkpoint: a resumed run continues bit for bit (CPU, float32).
+* Checkpoints (``OUT/checkpoints/step_NNNNNNNN/``: ``model.safetensors``, ``ema.safetensors``,
+  ``state.pt`` with the optimizer, step and RNG states, ``manifest.json`` with sizes and SHA-256) are
+  written into a temporary folder, fsynced and renamed; ``OUT/latest.json`` is replaced last. A
+  checkpoint whose files do not match its manifest is never loaded. Stage 2 can be resumed too
+  (the official code cannot, issue #14).
+* An optional EMA of the weights (``ema_rate``), saved beside the raw weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import RigDataset, atomic_write_bytes, atomic_write_json, fsync_dir
+from .errors import CheckpointError, InputError, TrainingError
+
+PathLike = str | os.PathLike
+Callback = Callable[[int, float], None]
+
+STATE_FORMAT = "diffusionrig-train-state"
+STATE_VERSION = 1
+
+# Official defaults per stage (README commands): lr, per-GPU batch, steps, save interval.
+_STAGE_DEFAULTS = {
+    1: dict(lr=1e-4, batch_size=32, max_steps=50_000, save_interval=5_000, num_workers=4),
+    2: dict(lr=1e-5, batch_size=4, max_steps=5_000, save_interval=2_500, num_workers=0),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Settings of a training run. ``None`` fields take the official default of the stage."""
+
+    stage: int = 1
+    lr: float | None = None                 # 1e-4 (stage 1) / 1e-5 (stage 2)
+    batch_size: int | None = None           # per process: 32 / 4
+    max_steps: int | None = None            # 50,000 / 5,000 updates
+    save_interval: int | None = None        # checkpoint every N updates (0: only at the end)
+    micro_batch: int | None = None          # split each batch into chunks (gradient accumulation)
+    p2: bool = True
+    p2_gamma: float = 1.0
+    p2_k: float = 1.0
+    grad_clip: float = 1.0                  # max gradient norm, 0 disables
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    dropout: float | None = None            # None: the model config's (official 0.1)
+    precision: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    ema_rate: float | None = None           # e.g. 0.9999; None: no EMA (official)
+    seed: int = 0
+    num_workers: int | None = None          # DataLoader workers (stage 1)
+    log_interval: int = 10
+    fast: bool = True                       # fused attention + channels_last on CUDA
+    compile: bool = False                   # torch.compile the model
+    freeze_encoder_bn: bool = False         # stage 2: official keeps encoder BN in train mode
+    keep_checkpoints: int = 2               # older checkpoints are deleted
+    model: dict[str, Any] | None = None     # stage 1 from scratch: ModelConfig fields (None: official for the size)
+    schedule: str = "linear"
+    diffusion_steps: int = 1000
+    device: str | None = None               # default: cuda:LOCAL_RANK if available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise InputError(f"stage must be 1 (generic prior) or 2 (personal album), got {self.stage!r}")
+        for key, value in _STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.betas = tuple(float(b) for b in self.betas)
+        if hasattr(self.model, "to_dict"):
+            self.model = self.model.to_dict()
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise InputError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.batch_size < 1 or self.max_steps < 1 or self.lr <= 0:
+            raise InputError("batch_size and max_steps must be at least 1 and lr positive")
+        if self.micro_batch is not None and (self.micro_batch < 1 or self.batch_size % self.micro_batch):
+            raise InputError(f"micro_batch {self.micro_batch} must divide batch_size {self.batch_size}")
+        if self.ema_rate is not None and not 0.0 < self.ema_rate < 1.0:
+            raise InputError(f"ema_rate must be in (0, 1), e.g. 0.9999, got {self.ema_rate}")
+
+    @classmethod
+    def tiny(cls, stage: int = 1, **overrides: Any) -> "TrainConfig":
+        """A CPU preset: the tiny model at 32-64 px, a few dozen steps, seconds per stage."""
+        from .model import ModelConfig
+
+        settings = dict(
+            stage=stage, lr=1e-3 if stage == 1 else 3e-4, batch_size=4 if stage == 1 else 2,
+            max_steps=20, save_interval=10, num_workers=0, precision="fp32", log_interval=5,
+            model=ModelConfig.tiny().to_dict(), fast=False,
+        )
+        settings.update(overrides)
+        return cls(**settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed context
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    created: bool = False   # we initialised the process group (and destroy it at the end)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_hint: str | None) -> _Dist:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on the CPU."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    use_cuda = torch.cuda.is_available() and (device_hint is None or device_hint.startswith("cuda"))
+    if dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, created=False)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return _Dist(rank, world, local_rank, created=True)
+
+
+def _pick_device(config: TrainConfig, ctx: _Dist) -> torch.device:
+    if config.device:
+        dev = torch.device(config.device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", ctx.local_rank)
+        return dev
+    return torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _barrier(ctx: _Dist) -> None:
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness: seeded per (seed, epoch) and (seed, step), RNG states per rank
+# ---------------------------------------------------------------------------------------------
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (stable across runs and machines)."""
+    h = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, 1, epoch)))
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_mix(seed, 2, step))
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Per-rank index lists for steps ``start..stop-1`` of Stage 1.
+
+    The global batch of step s is ``perm_e[o*G:(o+1)*G]`` with G = batch x world, e = s // (N // G),
+    o = s % (N // G) (the incomplete last batch of an epoch is dropped, as the official loader does);
+    rank r takes items ``r*B .. (r+1)*B-1`` of it. The position in the data is therefore a function
+    of the step alone, which is what makes resuming exact.
+    """
+
+    def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, start: int, stop: int):
+        self.n, self.batch, self.world, self.rank, self.seed = n, batch, world, rank, seed
+        self.start, self.stop = start, stop
+        self.global_batch = batch * world
+        self.per_epoch = n // self.global_batch
+        if self.per_epoch < 1:
+            raise TrainingError(
+                f"the dataset has {n} items but one step needs {self.global_batch} "
+                f"({batch} per process x {world} processes); lower the batch size or add data"
+            )
+
+    def position(self, step: int) -> tuple[int, int]:
+        return divmod(step, self.per_epoch)
+
+    def indices(self, step: int) -> list[int]:
+        epoch, offset = self.position(step)
+        perm = self._perm(epoch)
+        lo = offset * self.global_batch + self.rank * self.batch
+        return perm[lo : lo + self.batch].tolist()
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if getattr(self, "_cached", (None,))[0] != epoch:
+            self._cached = (epoch, epoch_permutation(self.n, self.seed, epoch))
+        return self._cached[1]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield self.indices(step)
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+
+class _RawItems(torch.utils.data.Dataset):
+    # uint8 images travel to the device and are converted there: 4x less to copy than float.
+    def __init__(self, ds: RigDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ds.raw(i, "images"), self.ds.raw(i, "buffers")
+
+
+def _image_to_model(images_uint8: torch.Tensor) -> torch.Tensor:
+    from .data import to_model_image
+
+    return to_model_image(images_uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_file_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _checkpoint_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def verify_checkpoint(ck_dir: PathLike) -> dict[str, Any] | None:
+    """The manifest of a complete checkpoint folder, or None if anything is missing or altered."""
+    ck_dir = Path(ck_dir)
+    try:
+        manifest = json.loads((ck_dir / "manifest.json").read_text("utf-8"))
+        for name, info in manifest["files"].items():
+            f = ck_dir / name
+            if not f.is_file() or f.stat().st_size != int(info["size"]) or _sha256_file(f) != info["sha256"]:
+                return None
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def find_checkpoint(out_dir: PathLike, verbose: bool = True) -> Path | None:
+    """The newest checkpoint of a run folder that verifies: ``latest.json``'s first, then the others."""
+    out_dir = Path(out_dir)
+    root = out_dir / "checkpoints"
+    candidates: list[Path] = []
+    try:
+        latest = json.loads((out_dir / "latest.json").read_text("utf-8"))
+        candidates.append(out_dir / latest["dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if root.is_dir():
+        candidates += sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True)
+    seen = set()
+    for c in candidates:
+        if c in seen:
+            continue
+        seen.add(c)
+        if verify_checkpoint(c) is not None:
+            return c
+        if verbose:
+            print(f"warning: checkpoint {c} is incomplete or altered; ignoring it", file=sys.stderr)
+    return None
+
+
+def load_training_state(ck_dir: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``state.pt`` of a checkpoint, read with ``weights_only=True`` (tensors, dicts, lists, numbers)."""
+    path = Path(ck_dir) / "state.pt"
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the training state {path} ({exc}); start a new run or use an older checkpoint") from exc
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a DiffusionRig training state")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss read-back without stalling the GPU
+# ---------------------------------------------------------------------------------------------
+class _LossTap:
+    """Hands back step s's loss while step s+1 runs: a non-blocking copy into pinned memory and an
+    event, so reading a loss every step (progress bar, callback) never drains the CUDA queue."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[int, Any, Any]] = []
+        if self.cuda:
+            self.bufs = [torch.zeros((), dtype=torch.float32).pin_memory() for _ in range(3)]
+            self.k = 0
+
+    def put(self, step: int, loss: torch.Tensor) -> None:
+        if not self.cuda:
+            self.pending.append((step, float(loss), None))
+            return
+        buf = self.bufs[self.k % len(self.bufs)]
+        self.k += 1
+        buf.copy_(loss.detach().float(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((step, buf, event))
+
+    def take(self, keep: int = 1) -> list[tuple[int, float]]:
+        """Losses of all but the ``keep`` most recent steps (0: all)."""
+        out = []
+        keep = keep if self.cuda else 0  # on the CPU the value is there already: no lag
+        while len(self.pending) > keep:
+            step, value, event = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()
+                value = float(value)
+            out.append((step, value))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss curve (Pillow only)
+# ---------------------------------------------------------------------------------------------
+def save_loss_curve(losses: list[float], path: PathLike, title: str = "training loss", start_step: int = 1) -> Path:
+    """Raw losses (light dots) and their running mean (line) on a log axis, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    W, H, L, R, T, B = 900, 420, 70, 20, 40, 45
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((L, 12), title, fill="black")
+    vals = np.asarray([v for v in losses if math.isfinite(v) and v > 0], dtype=np.float64)
+    path = Path(path)
+    if len(vals) == 0:
+        d.text((L, H // 2), "no finite loss values", fill="black")
+        img.save(path)
+        return path
+    lo, hi = np.log10(vals.min()), np.log10(vals.max())
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = len(losses)
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        x = L + (W - L - R) * (i / max(n - 1, 1))
+        y = T + (H - T - B) * (1 - (math.log10(v) - lo) / (hi - lo))
+        return x, y
+
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for e in range(math.floor(lo), math.ceil(hi) + 1):  # decade grid lines
+        if lo <= e <= hi:
+            _, y = xy(0, 10.0 ** e)
+            d.line([L, y, W - R, y], fill=(220, 220, 220))
+            d.text((5, y - 6), f"1e{e}", fill="black")
+    for i, v in enumerate(losses):
+        if math.isfinite(v) and v > 0:
+            x, y = xy(i, v)
+            d.point((x, y), fill=(150, 180, 230))
+    window = max(1, n // 50)
+    smooth, acc, run = [], 0.0, []
+    for i, v in enumerate(losses):
+        run.append(v if math.isfinite(v) else float("nan"))
+        if len(run) > window:
+            run.pop(0)
+        m = float(np.nanmean(run)) if not all(math.isnan(r) for r in run) else float("nan")
+        if math.isfinite(m) and m > 0:
+            smooth.append(xy(i, m))
+    if len(smooth) > 1:
+        d.line(smooth, fill=(200, 40, 40), width=2)
+    d.text((L, H - B + 8), f"step {start_step}", fill="black")
+    d.text((W - R - 90, H - B + 8), f"step {start_step + n - 1}", fill="black")
+    d.text((W // 2 - 60, H - 20), f"last mean {np.nanmean(losses[-window:]):.4g}", fill="black")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+def _format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _set_dropout(model: nn.Module, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    if hasattr(model, "config"):
+        model.config.dropout = p
+
+
+def _enable_fast(model: nn.Module, device: torch.device) -> None:
+    """Fused attention (SDPA) and channels_last on CUDA; the float32 CPU path stays the reference."""
+    if device.type != "cuda":
+        return
+    from .fast import set_sdpa
+
+    set_sdpa(model, True)
+    model.denoisingUNet.to(memory_format=torch.channels_last)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
+class Trainer:
+    """One training run (see ``train``). Kept as an object so tests and benchmarks can step it."""
+
+    def __init__(self, config: TrainConfig, dataset_path: PathLike, out_dir: PathLike, base: PathLike | None = None,
+                 resume: bool = True, progress: bool = True, callback: Callback | None = None,
+                 model_path: PathLike | None = None):
+        self.config, self.out_dir = config, Path(out_dir)
+        self.base, self.progress, self.callback = base, progress, callback
+        self.ctx = _init_distributed(config.device)
+        self.device = _pick_device(config, self.ctx)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dataset = dataset_path if isinstance(dataset_path, RigDataset) else RigDataset(dataset_path)
+        default_name = "personal.safetensors" if config.stage == 2 else "model.safetensors"
+        self.model_path = Path(model_path) if model_path is not None else self.out_dir / default_name
+        if self.ctx.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        _barrier(self.ctx)
+        self.ck_dir = find_checkpoint(self.out_dir, verbose=self.ctx.main) if resume else None
+        self.step = 0
+        self.losses: list[float] = []
+        self._build()
+
+    # ---- setup ------------------------------------------------------------------------------
+    def _build(self) -> None:
+        from .checkpoint import load_model
+        from .diffusion import Diffusion
+        from .model import DiffusionRig, ModelConfig
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        if self.ck_dir is not None:
+            self.model = load_model(self.ck_dir / "model.safetensors")
+        elif self.base is not None:
+            self.model = load_model(self.base)
+        elif cfg.stage == 2:
+            raise TrainingError("Stage 2 fine-tunes a Stage 1 model: give the base model (--base stage1.safetensors or the official .pt)")
+        else:
+            mc = ModelConfig.from_dict(cfg.model) if cfg.model else ModelConfig(image_size=self.dataset.size)
+            self.model = DiffusionRig(mc)
+        self.model = self.model.float()
+        if cfg.dropout is not None:
+            _set_dropout(self.model, cfg.dropout)
+        levels = len(self.model.config.channel_mult)
+        if self.dataset.size % (2 ** (levels - 1)):
+            raise TrainingError(f"images of {self.dataset.size} px cannot pass through a UNet with {levels} levels; "
+                                f"use a size divisible by {2 ** (levels - 1)}")
+        if cfg.stage == 2:
+            if self.dataset.mean_shape is not None:
+                self.model.mean_shape = self.dataset.mean_shape.clone()
+            elif self.ctx.main:
+                print("note: this album dataset has no mean shape (built without --mean-shape); "
+                      "edits will use each photo's own shape", file=sys.stderr)
+            if self.ck_dir is None:
+                self.model.metadata = {}  # the base's training record does not describe this model
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("denoisingUNet."))
+        self.model.to(self.device)
+        self.model.train()
+        if cfg.stage == 2 and cfg.freeze_encoder_bn:
+            self.model.encoder.eval()
+        if cfg.fast:
+            _enable_fast(self.model, self.device)
+        self.diffusion = Diffusion.create(cfg.schedule, cfg.diffusion_steps)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.trainable, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                          weight_decay=cfg.weight_decay, fused=self.device.type == "cuda")
+        self.ema = None
+        if cfg.ema_rate is not None:
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.net: nn.Module = self.model
+        if self.ctx.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # Buffers (BatchNorm running statistics) are not synchronised in the forward (official
+            # broadcast_buffers=False; newer PyTorch names it forward_sync_buffers=False).
+            import inspect
+
+            sync_kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else {"broadcast_buffers": False})
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           bucket_cap_mb=128, find_unused_parameters=False, **sync_kw)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.global_batch = cfg.batch_size * self.ctx.world
+        if self.ck_dir is not None:
+            self._load_state()
+
+    def _load_state(self) -> None:
+        state = load_training_state(self.ck_dir, map_location=self.device)
+        saved = state.get("config", {})
+        for key in ("stage", "batch_size", "seed"):
+            if key in saved and saved[key] != getattr(self.config, key):
+                raise TrainingError(
+                    f"cannot resume {self.out_dir}: it was trained with {key}={saved[key]!r}, now {getattr(self.config, key)!r}; "
+                    "use the same settings or a new output folder"
+                )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.losses = [float(v) for v in state.get("losses", [])][: self.step]
+        if self.ema is not None and (self.ck_dir / "ema.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            self.ema.load_state_dict(load_file(str(self.ck_dir / "ema.safetensors"), device=str(self.device)), strict=False)
+        rngs = state.get("rng", [])
+        if int(state.get("world_size", 1)) == self.ctx.world and len(rngs) == self.ctx.world:
+            _set_rng_state(rngs[self.ctx.rank], self.device)
+        elif self.ctx.main:
+            print(f"warning: the checkpoint was written by {state.get('world_size')} processes, this run has "
+                  f"{self.ctx.world}: the data order and random numbers will not continue exactly", file=sys.stderr)
+        if self.ctx.main:
+            print(f"resuming from {self.ck_dir} (step {self.step})", file=sys.stderr)
+
+    # ---- data -------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images (B,H,W,3), buffers (B,9,H,W)) on the device, one per step from self.step."""
+        cfg, ds = self.config, self.dataset
+        if cfg.stage == 2:
+            # The album lives on the device; each step draws a random subset without replacement.
+            images = torch.cat([ds.raw(i, "images")[None] for i in range(len(ds))]).to(self.device)
+            buffers = torch.cat([ds.raw(i, "buffers")[None] for i in range(len(ds))]).to(self.device).float()
+            n = len(ds)
+            if n < self.global_batch:
+                raise TrainingError(f"the album has {n} photos but one step draws {self.global_batch}; "
+                                    f"use --batch-size {n // self.ctx.world or 1} or add photos")
+            for step in range(self.step, cfg.max_steps):
+                g = torch.Generator().manual_seed(_mix(cfg.seed, 3, step))
+                idx = torch.randperm(n, generator=g)[: self.global_batch]
+                mine = idx[self.ctx.rank * cfg.batch_size : (self.ctx.rank + 1) * cfg.batch_size].to(self.device)
+                yield images[mine], buffers[mine]
+            return
+        sampler = StepBatchSampler(len(ds), cfg.batch_size, self.ctx.world, self.ctx.rank, cfg.seed,
+                                   self.step, cfg.max_steps)
+        self.sampler = sampler
+        loader = torch.utils.data.DataLoader(
+            _RawItems(ds), batch_sampler=sampler, num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            # a private generator: creating the loader must not consume the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(cfg.seed),
+            prefetch_factor=4 if cfg.num_workers > 0 else None,
+        )
+        for images, buffers in loader:
+            yield images.to(self.device, non_blocking=True), buffers.to(self.device, non_blocking=True).float()
+
+    # ---- one update ---------------------------------------------------------------------------
+    def _update(self, images: torch.Tensor, buffers: torch.Tensor) -> torch.Tensor:
+        cfg, rank, B = self.config, self.ctx.rank, self.config.batch_size
+        x0 = _image_to_model(images)
+        if cfg.fast and self.device.type == "cuda":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+            buffers = buffers.contiguous(memory_format=torch.channels_last)
+        # t and noise for the whole global batch from a (seed, step) generator; each rank its slice
+        g = _step_generator(cfg.seed, self.step, self.device)
+        t_all = torch.randint(0, self.diffusion.num_timesteps, (self.global_batch,), generator=g, device=self.device)
+        noise_all = torch.randn((self.global_batch, *x0.shape[1:]), generator=g, device=self.device)
+        t = t_all[rank * B : (rank + 1) * B]
+        noise = noise_all[rank * B : (rank + 1) * B]
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        mb = cfg.micro_batch or B
+        chunks = list(range(0, B, mb))
+        total = torch.zeros((), device=self.device)
+        for k, lo in enumerate(chunks):
+            sl = slice(lo, lo + mb)
+            sync = k == len(chunks) - 1 or not hasattr(self.net, "no_sync")
+            ctx_sync = self.net.no_sync() if not sync else contextlib.nullcontext()
+            with ctx_sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                losses = self.diffusion.training_losses(self.net, x0[sl], buffers[sl], t[sl], noise[sl],
+                                                        p2_gamma=cfg.p2_gamma, p2_k=cfg.p2_k, p2=cfg.p2)
+                loss = losses.mean() * (mb / B) if len(chunks) > 1 else losses.mean()
+            loss.backward()
+            total = total + loss.detach()
+        if cfg.grad_clip and cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]
+                torch._foreach_lerp_(ema_params, self.trainable, 1.0 - cfg.ema_rate)
+        self.step += 1
+        return total
+
+    # ---- saving -------------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "stage": self.config.stage,
+            "train_config": self.config.to_dict(),
+            "steps": self.step,
+            "dataset": str(self.dataset.root),
+        }
+        if self.config.stage == 2:  # an album: a few dozen names (never a whole FFHQ listing)
+            meta["album"] = list(self.dataset.names)
+        if self.base is not None:
+            meta["base_model"] = Path(self.base).name
+        if self.losses:
+            meta["final_loss"] = float(np.mean(self.losses[-max(1, self.config.log_interval):]))
+        return meta
+
+    def _sync_ema_buffers(self) -> None:
+        if self.ema is not None:
+            for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+                b_ema.copy_(b)
+            self.ema.mean_shape = self.model.mean_shape
+
+    def save_checkpoint(self) -> Path | None:
+        """Write the checkpoint of the current step (all ranks call this; rank 0 writes)."""
+        from .checkpoint import save_model
+
+        rng = _rng_state(self.device)
+        if self.ctx.world > 1:
+            import torch.distributed as dist
+
+            rngs: list[Any] = [None] * self.ctx.world
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        final = None
+        if self.ctx.main:
+            root = self.out_dir / "checkpoints"
+            root.mkdir(parents=True, exist_ok=True)
+            name = _checkpoint_dirname(self.step)
+            tmp = root / f".tmp-{name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            meta = self._metadata()
+            save_model(self.model, tmp / "model.safetensors", metadata=meta)
+            if self.ema is not None:
+                self._sync_ema_buffers()
+                save_model(self.ema, tmp / "ema.safetensors", metadata={**meta, "ema_rate": str(self.config.ema_rate)})
+            sampler = getattr(self, "sampler", None)
+            epoch, offset = sampler.position(self.step) if sampler is not None else (0, self.step)
+            state = {
+                "format": STATE_FORMAT, "version": STATE_VERSION, "step": self.step,
+                "epoch": epoch, "batch_in_epoch": offset, "world_size": self.ctx.world,
+                "global_batch": self.global_batch, "config": self.config.to_dict(),
+                "optimizer": self.optimizer.state_dict(), "rng": rngs, "losses": list(self.losses),
+            }
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            _write_file_synced(tmp / "state.pt", buf.getvalue())
+            files = {}
+            for f in sorted(tmp.iterdir()):
+                files[f.name] = {"size": f.stat().st_size, "sha256": _sha256_file(f)}
+            manifest = {"step": self.step, "files": files}
+            _write_file_synced(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+            fsync_dir(tmp)
+            final = root / name
+            if final.exists():  # a stale copy of this step (a run resumed from an older checkpoint)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(root)
+            atomic_write_json(self.out_dir / "latest.json", {"step": self.step, "dir": f"checkpoints/{name}"})
+            self._prune(root, keep=final)
+        _barrier(self.ctx)
+        return final
+
+    def _prune(self, root: Path, keep: Path) -> None:
+        done = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p != keep),
+                      reverse=True)
+        for old in done[max(self.config.keep_checkpoints - 1, 0):]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stray in root.glob(".tmp-*"):  # left by a crash mid-write
+            if str(os.getpid()) not in stray.name:
+                shutil.rmtree(stray, ignore_errors=True)
+
+    def save_final(self) -> Path:
+        from .checkpoint import save_model
+
+        if self.ctx.main:
+            meta = self._metadata()
+            save_model(self.model, self.model_path, metadata=meta)
+            if self.ema is not None:
+                self._sync_ema_buffers()
+                ema_path = self.model_path.with_name(self.model_path.stem + "_ema" + self.model_path.suffix)
+                save_model(self.ema, ema_path, metadata={**meta, "ema_rate": str(self.config.ema_rate)})
+            if self.losses:
+                save_loss_curve(self.losses, self.out_dir / "loss.png",
+                                title=f"Stage {self.config.stage} loss ({len(self.losses)} steps)")
+        _barrier(self.ctx)
+        return self.model_path
+
+    # ---- run ------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        cfg, main = self.config, self.ctx.main
+        if self.step >= cfg.max_steps:
+            if main:
+                print(f"{self.out_dir} already finished {self.step} steps; writing the final model", file=sys.stderr)
+            return self.save_final()
+        if main:
+            n_train = sum(p.numel() for p in self.trainable)
+            print(f"Stage {cfg.stage}: {cfg.max_steps - self.step} steps of batch {self.global_batch} "
+                  f"({cfg.batch_size} x {self.ctx.world} process{'es' if self.ctx.world > 1 else ''}), lr {cfg.lr:g}, "
+                  f"{len(self.dataset)} images of {self.dataset.size} px, {n_train / 1e6:.1f} M trainable parameters, "
+                  f"on {_device_name(self.device)}", file=sys.stderr)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
+                   disable=not (self.progress and main), dynamic_ncols=True)
+        log_path = self.out_dir / "log.csv"
+        if main and not log_path.exists():
+            log_path.write_text("step,loss,elapsed_s,images_per_s\n")
+        tap = _LossTap(self.device)
+        t_start = time.perf_counter()
+        probe = (self.step + 3, self.step + 13)  # steps timed for the estimate (after warm-up/compile)
+        probe_t: dict[int, float] = {}
+        window: list[float] = []
+
+        def handle(losses: list[tuple[int, float]]) -> None:
+            for step, value in losses:
+                self.losses.append(value)
+                window.append(value)
+                if self.callback is not None:
+                    self.callback(step, value)
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    mean = self._global_mean(float(np.mean(window)))
+                    window.clear()
+                    bar.set_postfix(loss=f"{mean:.4g}")
+                    if main:
+                        el = time.perf_counter() - t_start
+                        with open(log_path, "a") as f:
+                            f.write(f"{step},{mean:.6g},{el:.2f},{(step - first) * self.global_batch / max(el, 1e-9):.2f}\n")
+
+        first = self.step
+        try:
+            for images, buffers in self._batches():
+                loss = self._update(images, buffers)
+                tap.put(self.step, loss)
+                handle(tap.take(keep=1))
+                bar.update(1)
+                if self.step in probe:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    probe_t[self.step] = time.perf_counter()
+                    if self.step == probe[1] and main:
+                        per = (probe_t[probe[1]] - probe_t[probe[0]]) / (probe[1] - probe[0])
+                        left = (cfg.max_steps - self.step) * per
+                        bar.write(f"estimated time: {_format_seconds(left)} for the remaining {cfg.max_steps - self.step} "
+                                  f"steps ({per * 1000:.0f} ms/step, {self.global_batch / per:.1f} images/s)")
+                interval = cfg.save_interval
+                if (interval and self.step % interval == 0) or self.step == cfg.max_steps:
+                    handle(tap.take(keep=0))
+                    self.save_checkpoint()
+            handle(tap.take(keep=0))
+        finally:
+            bar.close()
+        if main:
+            total = time.perf_counter() - t_start
+            print(f"trained {self.step - first} steps in {_format_seconds(total)}", file=sys.stderr)
+        return self.save_final()
+
+    def _global_mean(self, value: float) -> float:
+        """The mean of a per-rank value over all ranks (logged losses are of the global batch)."""
+        if self.ctx.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.ctx.world
+
+    def close(self) -> None:
+        if self.ctx.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def train(config: TrainConfig, dataset_path: PathLike | RigDataset, out_dir: PathLike, base: PathLike | None = None,
+          resume: bool = True, progress: bool = True, callback: Callback | None = None,
+          model_path: PathLike | None = None) -> Path:
+    """Train Stage 1 or Stage 2 and return the path of the final model.
+
+    ``dataset_path``: a dataset folder (``build_dataset``/``import_official_lmdb``). ``out_dir`` holds
+    checkpoints, ``log.csv``, ``loss.png`` and (by default) the final model; with ``resume`` a run
+    continues from the newest valid checkpoint there. ``base``: the model to start from (required
+    for Stage 2; official ``.pt`` or ours). ``callback(step, loss)`` is called after every update
+    and may raise to cancel the run; the last checkpoint stays valid. Launch with
+    ``torchrun --nproc_per_node N`` for several GPUs.
+    """
+    trainer = Trainer(config, dataset_path, out_dir, base=base, resume=resume, progress=progress,
+                      callback=callback, model_path=model_path)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
