@@ -101,7 +101,9 @@ def format_asset_report(statuses: Iterable[AssetStatus] | None = None, dir: str 
              "(change it with --dir or the environment variable DIFFUSIONRIG_ASSETS)", ""]
     for s in statuses:
         mark = "found  " if s.found else "MISSING"
-        size = f" ({s.size / 1e6:.1f} MB)" if s.found and s.size is not None else ""
+        size = ""
+        if s.found and s.size is not None:
+            size = f" ({s.size / 1e6:.1f} MB)" if s.size >= 1e5 else f" ({s.size / 1e3:.0f} kB)"
         lines.append(f"  [{mark}] {s.info.name}{size}: {s.info.purpose} (needed to {s.info.required_for})")
     missing = [s for s in statuses if not s.found]
     if missing:
@@ -204,6 +206,9 @@ class _FlameUnpickler(pickle.Unpickler):
             return found
         if module in ("__builtin__", "builtins") and name in _BUILTINS:
             return _BUILTINS[name]
+        if (module, name) == ("_codecs", "encode"):  # bytes in a pickle re-saved by Python 3 (protocol 2)
+            import codecs
+            return codecs.encode
         if module == "chumpy" or module.startswith("chumpy."):
             return _ChumpyStub
         if module in ("scipy.sparse.csc", "scipy.sparse._csc", "scipy.sparse") and name == "csc_matrix":
