@@ -185,7 +185,7 @@ class DiffusionRig(nn.Module):
 
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) image in [-1, 1] -> (B, latent_dim) global latent. No normalisation, no resize."""
-        return self.encoder(x0)
+        return self.encoder(x0.to(self.encoder.conv1.weight.dtype))
 
     def forward(
         self,

@@ -215,6 +215,18 @@ def ddpm_sample(
     return _run(iter_ddpm(denoise, noise, diff, clip_denoised, step_noise), diff.num_timesteps, callback)
 
 
+def _ddim_step(denoise: Denoiser, x: torch.Tensor, diff: Diffusion, i: int, clip_denoised: bool) -> torch.Tensor:
+    """The deterministic sampler step from respaced index i (to alpha_bar_prev[i])."""
+    t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+    eps, _ = _split_output(denoise(x, diff.model_timesteps(t)), x.shape[1])
+    x0 = diff.predict_x0(x, t, eps)
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    eps = diff.predict_eps(x, t, x0)
+    a_prev = diff.coef("alphas_cumprod_prev", t, x.ndim)
+    return x0 * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev) * eps
+
+
 def ddim_invert(
     model_or_denoise: Callable[..., torch.Tensor],
     x0: torch.Tensor,
@@ -225,25 +237,39 @@ def ddim_invert(
     schedule: str = "linear",
     callback: Callback | None = None,
     diffusion: Diffusion | None = None,
+    refine: int = 0,
     final_step_to_noise: bool = False,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion: image x0 -> the noise x_T that ``ddim_sample`` maps back to x0.
 
-    Each step is the official ``ddim_reverse_sample``: estimate x0 (clipped if ``clip_denoised``) and
-    eps at respaced index i, re-derive eps from x0, move to alpha_bar_next = alpha_bar[i+1].
+    Each step is the official ``ddim_reverse_sample``: at respaced index i estimate eps and x0
+    (clipped if ``clip_denoised``), re-derive eps from x0 and move to alpha_bar_next = alpha_bar[i+1].
+    That evaluates eps at the start of the step rather than its end, so the round trip is only
+    first-order accurate. ``refine`` > 0 corrects every step by that many fixed-point iterations
+    (one network call each) towards the exact inverse of the sampler's step,
+    ``x <- x + sqrt(abar[i+1]/abar[i]) * (x_i - step_{i+1}(x))``, which makes
+    ``ddim_sample(ddim_invert(x0))`` reproduce x0 closely (tests/test_sampling.py states how closely).
+
     The official loop also runs the last index, whose alpha_bar_next is 0, returning a pure eps
     estimate that the sampler (which starts at alpha_bar[N-1], e.g. t = 950) cannot map back to the
-    image; we stop at the sampler's first timestep instead. ``final_step_to_noise=True`` runs the
-    official loop to the end.
+    image; we stop at the sampler's first timestep instead (``final_step_to_noise=True`` runs the
+    official loop to the end).
     """
     diff = _diffusion(diffusion, steps, schedule)
     denoise = make_denoiser(model_or_denoise, buffers, latent)
-    x = x0.float()
     n = diff.num_timesteps
     last = n if final_step_to_noise else n - 1
-    for i in range(last):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        with torch.no_grad():
+    image = x0.float()
+    x = image
+    with torch.no_grad():
+        # The sampler's last step maps index 0 (alpha_bar_0 = 0.9999) to the clean image; the official
+        # inversion treats the image as x at index 0. Refinement solves that step exactly too.
+        gain0 = float(diff.alphas_cumprod[0]) ** 0.5
+        for _ in range(refine):
+            x = x + gain0 * (image - _ddim_step(denoise, x, diff, 0, clip_denoised))
+        for i in range(last):
+            target = x
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             eps, _ = _split_output(denoise(x, diff.model_timesteps(t)), x.shape[1])
             pred = diff.predict_x0(x, t, eps)
             if clip_denoised:
@@ -251,6 +277,10 @@ def ddim_invert(
             eps = diff.predict_eps(x, t, pred)
             a_next = diff.coef("alphas_cumprod_next", t, x.ndim)
             x = pred * torch.sqrt(a_next) + torch.sqrt(1 - a_next) * eps
-        if callback is not None:
-            callback(i, last, x)
+            if i + 1 < n:
+                gain = float(diff.alphas_cumprod[i + 1] / diff.alphas_cumprod[i]) ** 0.5
+                for _ in range(refine):
+                    x = x + gain * (target - _ddim_step(denoise, x, diff, i + 1, clip_denoised))
+            if callback is not None:
+                callback(i, last, x)
     return x

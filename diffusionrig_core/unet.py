@@ -280,8 +280,10 @@ class UNetModel(nn.Module):
         """x (B,3,H,W), integer timesteps (B,), buffers (B,9,H,W), latent (B,latent_dim) -> (B,out,H,W)."""
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        h = torch.cat([x, buffers.to(x.dtype)], dim=1)
+        dtype = self.time_embed[0].weight.dtype  # lets a model cast to half precision run without autocast
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        latent = latent.to(dtype)
+        h = torch.cat([x, buffers], dim=1).to(dtype)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, latent)
