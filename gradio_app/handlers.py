@@ -515,27 +515,28 @@ def train_album(engine: Engine, files: Any, base_model: str | None, steps: Any =
 
     thread = threading.Thread(target=work, name="diffusionrig-stage2", daemon=True)
     losses: list[tuple[int, float]] = []
-    t0 = time.perf_counter()
+    t0 = last_yield = time.perf_counter()
     last = (0, n_steps)
     thread.start()
     try:
         yield TrainUpdate(f"Training on {len(photos)} photos for {n_steps} steps…", [])
         while thread.is_alive() or not events.empty():
             try:
-                step, total, loss = events.get(timeout=poll_s)
+                got = [events.get(timeout=poll_s)]
             except queue.Empty:
                 continue
-            total = total or n_steps
-            last = (step, total)
-            if loss is not None:
-                losses.append((step, loss))
-            while not events.empty():  # drain: report the newest step, keep every loss
-                step, total, loss = events.get_nowait()
-                total = total or n_steps
-                last = (step, total)
+            while not events.empty():  # report the newest step, keep every loss
+                got.append(events.get_nowait())
+            for step, total, loss in got:
+                last = (step, total or n_steps)
                 if loss is not None:
                     losses.append((step, loss))
-            elapsed = time.perf_counter() - t0
+            now = time.perf_counter()
+            if now - last_yield < poll_s and thread.is_alive():
+                continue
+            last_yield = now
+            step, total = last
+            elapsed = now - t0
             left = elapsed / max(step, 1) * (total - step)
             if progress:
                 progress(step / max(total, 1), f"Stage 2: step {step}/{total}")

@@ -94,17 +94,18 @@ class PhotoInput(gr.Image):
 
     is_template = True  # same front-end component as gr.Image
 
-    def __init__(self, **kwargs: Any):
-        kwargs.setdefault("type", "filepath")
-        kwargs.setdefault("sources", ["upload", "clipboard"])
-        super().__init__(**kwargs)
-
     def preprocess(self, payload):  # noqa: D401 - Gradio hook
         if payload is None:
             return None
         if getattr(payload, "path", None):
             return str(payload.path)
         return super().preprocess(payload)
+
+
+def _photo(label: str, **kwargs: Any) -> PhotoInput:
+    # Gradio reads a component's properties from its __init__ signature, so PhotoInput keeps
+    # gr.Image's and the defaults are given here
+    return PhotoInput(label=label, type="filepath", sources=["upload", "clipboard"], **kwargs)
 
 
 def _model_dropdown(engine: Engine, label: str = "Model", info: str | None = None) -> gr.Dropdown:
@@ -159,7 +160,7 @@ def build(engine: Engine) -> gr.Blocks:
             with gr.Tab("Edit", id="edit"):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=5):
-                        photo = PhotoInput(label="Photo", elem_id="photo", height=300)
+                        photo = _photo("Photo", elem_id="photo", height=300)
                         samples = gr.Gallery(label="Sample people — click one to edit it", columns=6,
                                              height=140, allow_preview=False, visible=engine.demo,
                                              elem_id="samples", object_fit="cover")
@@ -192,7 +193,7 @@ def build(engine: Engine) -> gr.Blocks:
                                 strength = gr.Slider(*R["expression_strength"], value=1.0, step=0.05,
                                                      label="Expression strength")
                         with gr.Accordion("Take from a reference photo", open=False):
-                            reference = PhotoInput(label="Reference photo", height=200)
+                            reference = _photo("Reference photo", height=200)
                             take_from = gr.CheckboxGroup(list(H.TAKE_FROM), value=[],
                                                          label="Take from the reference")
                         seed, random_seed, steps = _seed_row(engine)
@@ -250,8 +251,8 @@ def build(engine: Engine) -> gr.Blocks:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=5):
                         with gr.Row():
-                            mix_photo = PhotoInput(label="Face from", height=240)
-                            mix_code = PhotoInput(label="Look (global code) from", height=240)
+                            mix_photo = _photo("Face from", height=240)
+                            mix_code = _photo("Look (global code) from", height=240)
                         mix_model = _model_dropdown(engine)
                         model_dropdowns.append(mix_model)
                         mix_seed, mix_random, mix_steps = _seed_row(engine)
@@ -275,7 +276,7 @@ def build(engine: Engine) -> gr.Blocks:
                             "model**: their prior takes over the identity details the buffers do not fix.")
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=5):
-                        swap_photo = PhotoInput(label="Photo", height=240)
+                        swap_photo = _photo("Photo", height=240)
                         with gr.Row():
                             swap_model = _model_dropdown(engine, "This photo's model")
                             swap_other = _model_dropdown(engine, "Render as (another person's model)")
