@@ -350,13 +350,6 @@ def list_photos(photos: PathLike | Sequence[PathLike]) -> tuple[list[Path], list
     return [Path(p) for p in photos], []
 
 
-def _uint8_image(image: torch.Tensor) -> torch.Tensor:
-    """(3,S,S) float in [0,1] -> (S,S,3) uint8, truncating like the official ``(img*255)`` cast."""
-    if image.dtype == torch.uint8:
-        return image.permute(1, 2, 0).contiguous() if image.shape[0] == 3 else image
-    return (image.detach().float().cpu() * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
-
-
 def build_dataset(
     photos: PathLike | Sequence[PathLike],
     out_dir: PathLike,
@@ -369,13 +362,19 @@ def build_dataset(
     overwrite: bool = False,
     buffer_dtype: str = "float32",
     shard_size: int = SHARD_SIZE,
+    detector: str = "dlib",
 ) -> DatasetReport:
     """Detect, (optionally) FFHQ-align, fit DECA, render the buffers and store a dataset.
 
+    The steps of the official ``align.py`` + ``create_data.py``: with ``align`` each photo is first
+    FFHQ-aligned to ``size`` (largest face); then it is resized to ``size`` as DECA's ``TestData``
+    does, landmarks are found (or read from a ``.txt``/``.mat`` next to the photo), DECA encodes the
+    224 crop in batches of ``batch_size``, and the buffers are rendered at ``size``.
     ``use_mean_shape`` (albums): every item is rendered with the album's mean DECA shape, which is
-    kept with the dataset, as the official ``create_data.py --use_meanshape True`` does. Photos that
-    fail (unreadable, no face, too small to align) are skipped and reported by name with the reason;
-    the report is also written to ``OUT/report.json``.
+    kept with the dataset (``create_data.py --use_meanshape True``). Photos that fail (unreadable,
+    no face, too small to align) are skipped and reported by name with the reason; the report is
+    also written to ``OUT/report.json``. Album-sized: fitted parameters are kept in memory until
+    rendering (a few kB per photo) and images are rendered batch by batch.
     """
     from tqdm.auto import tqdm
 
@@ -392,105 +391,95 @@ def build_dataset(
     out_dir = Path(out_dir)
     report = DatasetReport(out_dir=str(out_dir), size=int(size), ignored=ignored)
     settings = {"size": int(size), "use_mean_shape": bool(use_mean_shape), "align": bool(align),
-                "buffer_dtype": buffer_dtype, "source": str(photos) if isinstance(photos, (str, os.PathLike)) else "list"}
-    writer = DatasetWriter(out_dir, size, buffer_dtype=buffer_dtype, shard_size=shard_size, overwrite=overwrite)
+                "buffer_dtype": buffer_dtype, "detector": detector,
+                "source": str(photos) if isinstance(photos, (str, os.PathLike)) else "list"}
 
-    def prepare(path: Path) -> np.ndarray:
-        try:
-            image = load_image(path)
-        except DiffusionRigError:
-            raise
-        except Exception as exc:  # PIL and OS errors for broken files
-            raise ImageError(f"unreadable image ({type(exc).__name__}: {exc})") from exc
+    def prepare(path: Path) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        source: Any = path
         if align:
             from .align import ffhq_align
-            from .detect import detect_landmarks
+            from .detect import detect_landmarks, pick_face
 
-            result = ffhq_align(image, detect_landmarks(image), output_size=size)
-            image = getattr(result, "image", result)
-        return np.asarray(image)
+            image = _load(path, load_image)
+            source = ffhq_align(image, pick_face(detect_landmarks(image, backend=detector)), output_size=size)
+        else:
+            _load(path, load_image)  # a clear "unreadable" before any landmark work
+        resized, crop, tform, _ = rig.prepare(source, size=size, detector=detector)
+        return np.asarray(resized), crop, tform
 
-    # Pass 1: load + align + fit in batches; keep what rendering needs (params, tform, image).
-    fits: list[tuple[str, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] = []
+    # Pass 1: prepare each photo (failures are per photo), encode the crops in batches.
+    items: list[tuple[str, np.ndarray, torch.Tensor]] = []   # name, resized uint8, tform
+    params_parts: list[dict[str, torch.Tensor]] = []
+    crops: list[torch.Tensor] = []
+
+    def encode_pending() -> None:
+        if crops:
+            code = rig.encode(torch.stack(crops))
+            params_parts.append({k: v.detach().float().cpu() for k, v in code.items()})
+            crops.clear()
+
     bar = tqdm(total=len(files), desc="fitting", unit="photo", disable=not progress)
-
-    def fit_batch(batch: list[tuple[str, np.ndarray]]) -> None:
-        try:
-            fit = rig.fit([img for _, img in batch], size=size)
-            results = [(name, fit, j) for j, (name, _) in enumerate(batch)]
-        except NoFaceError:
-            if len(batch) == 1:
-                raise
-            results = []
-            for item in batch:  # find which photo has no face
-                try:
-                    fit_batch([item])
-                except NoFaceError as exc:
-                    report.failed.append((item[0], f"no face found ({exc})"))
-            return
-        for name, fit, j in results:
-            params = {k: v[j : j + 1].detach().cpu() for k, v in fit.params.items()}
-            fits.append((name, _uint8_image(fit.image[j]), params, fit.tform[j : j + 1].detach().cpu()))
-
-    pending: list[tuple[str, np.ndarray]] = []
     for path in files:
         try:
-            pending.append((path.name, prepare(path)))
+            resized, crop, tform = prepare(path)
         except NoFaceError as exc:
-            report.failed.append((path.name, f"no face found ({exc})"))
+            report.failed.append((path.name, f"no face found: {exc}"))
         except DiffusionRigError as exc:
             report.failed.append((path.name, str(exc)))
+        else:
+            items.append((path.name, resized, torch.as_tensor(tform).float().cpu()))
+            crops.append(crop)
+            if len(crops) == batch_size:
+                encode_pending()
         bar.update(1)
-        if len(pending) == batch_size:
-            fit_one_batch(pending, fit_batch, report)
-            pending = []
-    if pending:
-        fit_one_batch(pending, fit_batch, report)
+    encode_pending()
     bar.close()
+    if not items:
+        report.seconds = time.perf_counter() - t0
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report.write()
+        raise NoFaceError(f"none of the {len(files)} photos could be used:\n{report.summary()}")
+    params = {k: torch.cat([p[k] for p in params_parts]) for k in params_parts[0]}
 
     mean_shape = None
-    if use_mean_shape and fits:
+    if use_mean_shape:
         from .flame import mean_shape as flame_mean_shape
 
-        mean_shape = flame_mean_shape(torch.cat([p["shape"] for _, _, p, _ in fits])).reshape(1, -1).float()
+        mean_shape = flame_mean_shape(params["shape"]).reshape(1, -1).float()
+        params["shape"] = mean_shape.expand(len(items), -1).clone()
 
-    # Pass 2: render in batches and write.
-    bar = tqdm(total=len(fits), desc="rendering", unit="photo", disable=not progress)
-    for start in range(0, len(fits), batch_size):
-        chunk = fits[start : start + batch_size]
-        params = {k: torch.cat([p[k] for _, _, p, _ in chunk]) for k in chunk[0][2]}
-        if mean_shape is not None:
-            params["shape"] = mean_shape.expand(len(chunk), -1).clone()
-        tform = torch.cat([t for _, _, _, t in chunk])
-        buffers = rig.render(params, tform, size).detach().cpu().float()
-        for j, (name, image, _, _) in enumerate(chunk):
-            extras = {f"params.{k}": v[j] for k, v in params.items()}
+    # Pass 2: render in batches and write shards.
+    writer = DatasetWriter(out_dir, size, buffer_dtype=buffer_dtype, shard_size=shard_size, overwrite=overwrite)
+    bar = tqdm(total=len(items), desc="rendering", unit="photo", disable=not progress)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        p = {k: v[start : start + len(chunk)] for k, v in params.items()}
+        tform = torch.stack([t for _, _, t in chunk])
+        buffers = rig.render(p, tform, size).detach().float().cpu()
+        for j, (name, image, _) in enumerate(chunk):
+            extras = {f"params.{k}": v[j] for k, v in p.items()}
             extras["tform"] = tform[j]
             writer.add(name, image, buffers[j], extras)
         bar.update(len(chunk))
     bar.close()
+    writer.finish(mean_shape=mean_shape, settings=settings)
 
-    if fits:
-        writer.finish(mean_shape=mean_shape, settings=settings)
     report.count = len(writer.names)
     report.sources = list(writer.names)
     report.mean_shape = None if mean_shape is None else [float(v) for v in mean_shape.reshape(-1)]
     report.settings = settings
     report.seconds = time.perf_counter() - t0
     report.write()
-    if not fits:
-        raise NoFaceError(
-            f"none of the {len(files)} photos could be used; see {out_dir / 'report.json'}:\n" + report.summary()
-        )
     return report
 
 
-def fit_one_batch(batch, fit_batch, report: DatasetReport) -> None:
+def _load(path: Path, load_image) -> np.ndarray:
     try:
-        fit_batch(batch)
-    except DiffusionRigError as exc:  # a failure the batch search could not pin on one photo
-        for name, _ in batch:
-            report.failed.append((name, str(exc)))
+        return load_image(path)
+    except DiffusionRigError:
+        raise
+    except Exception as exc:  # PIL and OS errors of broken files
+        raise ImageError(f"unreadable image ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------------
