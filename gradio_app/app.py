@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from diffusionrig_core.errors import CheckpointError, InputError
+from diffusionrig_core.errors import AssetError, CheckpointError, InputError
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth")
 # DECA's encoder weights live next to the rig assets; they are not a DiffusionRig model.
@@ -77,23 +77,36 @@ class DemoWorld:
     models: dict[str, Path]                 # label -> model file
 
 
-def load_demo_world() -> DemoWorld:
-    """The synthetic demo world from ``diffusionrig_core.synthetic`` (generated on first use)."""
+def load_demo_world(folder: Path) -> DemoWorld:
+    """The synthetic demo world: its face-rig assets, a few sample people's photos (written into
+    ``folder``, with their ``.params.json`` sidecars) and the demo model(s)."""
     try:
         synthetic = importlib.import_module("diffusionrig_core.synthetic")
     except ModuleNotFoundError as exc:
         raise CheckpointError(
             "this installation has no synthetic demo world (diffusionrig_core.synthetic is missing); "
-            "configure real assets and a model: see the Setup tab or docs/APP.md") from exc
-    world = synthetic.demo_world()
-    photos = getattr(world, "photos")
+            "configure real assets and a model as the Setup tab explains") from exc
+    if hasattr(synthetic, "demo_world"):
+        world = synthetic.demo_world(folder)
+        photos, models, assets = world.photos, getattr(world, "models", {}), world.assets_dir
+    else:
+        from diffusionrig_core import pipeline
+
+        assets = pipeline.demo_assets_dir()
+        photos = {}
+        for i, person in enumerate(synthetic.sample_people(DEMO_PEOPLE, seed=DEMO_SEED)):
+            paths = synthetic.write_album(folder / f"person{i + 1}", person, n=DEMO_PHOTOS_EACH, size=256)
+            photos.update({f"Person {i + 1} · {j + 1}": Path(p) for j, p in enumerate(paths)})
+        models = {"demo model": synthetic.demo_model_path()}
     if not isinstance(photos, dict):
         photos = {Path(p).stem: Path(p) for p in photos}
-    models = getattr(world, "models", None) or {}
     if not isinstance(models, dict):
         models = {Path(p).stem: Path(p) for p in models}
-    return DemoWorld(Path(world.assets_dir), {k: Path(v) for k, v in photos.items()},
-                     {f"demo: {k}": Path(v) for k, v in models.items()})
+    return DemoWorld(Path(assets), {str(k): Path(v) for k, v in photos.items()},
+                     {k if k.startswith("demo") else f"demo: {k}": Path(v) for k, v in models.items()})
+
+
+DEMO_PEOPLE, DEMO_PHOTOS_EACH, DEMO_SEED = 4, 2, 7
 
 
 def file_digest(path: str | Path) -> str:
@@ -108,7 +121,7 @@ class Engine:
     """The app's shared state. Cheap to create; everything heavy loads on first use."""
 
     def __init__(self, config: AppConfig | None = None, *,
-                 demo_world: Callable[[], DemoWorld] | DemoWorld | None = None):
+                 demo_world: Callable[[Path], DemoWorld] | DemoWorld | None = None):
         self.config = config or AppConfig()
         self._demo_world_source = demo_world or load_demo_world
         self._demo_world: DemoWorld | None = None
@@ -119,6 +132,7 @@ class Engine:
         self._fits: OrderedDict[tuple, Any] = OrderedDict()
         self._personal: dict[str, Path] = {}
         self._work_dir: Path | None = None
+        self._samples_digest: dict[str, Path] | None = None
 
     # ---- where things are -----------------------------------------------------------------
     @property
@@ -157,7 +171,7 @@ class Engine:
         with self._lock:
             if self._demo_world is None:
                 source = self._demo_world_source
-                self._demo_world = source if isinstance(source, DemoWorld) else source()
+                self._demo_world = source if isinstance(source, DemoWorld) else source(self.work_dir / "samples")
             return self._demo_world
 
     def sample_photos(self) -> dict[str, Path]:
@@ -270,7 +284,16 @@ class Engine:
         source = self._sample_by_digest().get(digest, path)
         from diffusionrig_core import pipeline
 
-        portrait = pipeline.fit(self.rig(), [source], size=size)
+        try:
+            portrait = pipeline.fit(self.rig(), [source], size=size)
+        except AssetError as exc:
+            if not self.demo:
+                raise
+            # the demo world has no DECA weights, so only its own sample photos can be fitted
+            raise AssetError(
+                f"the synthetic demo can only edit its sample people, not {path.name!r} (fitting your own "
+                "photos needs DECA's weights). Pick a sample person, or add the real models as the Setup "
+                f"tab explains. ({exc})") from exc
         with self._lock:
             self._fits[key] = portrait
             while len(self._fits) > self.config.fit_cache_size:
@@ -279,8 +302,6 @@ class Engine:
 
     def _sample_by_digest(self) -> dict[str, Path]:
         with self._lock:
-            cached = getattr(self, "_samples_digest", None)
-            if cached is None:
-                cached = {file_digest(p): p for p in self.sample_photos().values() if p.is_file()}
-                self._samples_digest = cached
-            return cached
+            if self._samples_digest is None:
+                self._samples_digest = {file_digest(p): p for p in self.sample_photos().values() if p.is_file()}
+            return self._samples_digest
