@@ -117,10 +117,10 @@ class Edit:
     Semantics follow the official inference modes: ``pose_from`` copies the global head rotation only;
     ``expression_from`` copies the expression code and the jaw; ``light_from`` copies the 9x3 SH light;
     ``latent_from`` copies the global latent (mix-and-match). Camera and albedo code are never changed.
-    ``yaw``/``pitch``/``roll`` rotate the head relative to its pose; ``expression_strength`` blends the
-    source expression code (0) toward the target's (1) and beyond (the target's jaw too), or scales
-    the source's own expression and jaw when no target is given; a jaw given by value (``jaw``,
-    ``jaw_open``) is set exactly. ``light_intensity``/``light_color`` scale whatever light results.
+    ``yaw``/``pitch``/``roll`` rotate the head relative to its pose; ``expression_strength`` scales the
+    resulting expression code and jaw (the target's, or the source's own: 0 = neutral, 1 = as is,
+    2 = exaggerated); a jaw given by value (``jaw``, ``jaw_open``) is set exactly.
+    ``light_intensity``/``light_color`` scale whatever light results.
     """
 
     light_from: Portrait | None = None
@@ -301,8 +301,8 @@ def load_rig(assets_dir: PathLike | None = None, device: torch.device | str | No
 
     device = _device(device)
     if assets_dir is not None and str(assets_dir) == "demo":
-        return FaceRig.load(demo_assets_dir(), device=device)
-    return FaceRig.load(assets_dir, device=device)
+        return FaceRig.load(assets_dir=demo_assets_dir(), device=device)
+    return FaceRig.load(assets_dir=assets_dir, device=device)
 
 
 def demo_assets_dir() -> Path:
@@ -386,14 +386,6 @@ def _sidecar_path(item: Any) -> Path | None:
     return side if side.exists() else None
 
 
-def _resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
-
-
 def _to_unit_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
     arr = np.stack([np.asarray(im) for im in images]).astype(np.float32) / 255.0
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
@@ -424,8 +416,9 @@ def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool 
 
     ``images`` are paths, uint8 arrays or PIL images. A photo with a ``NAME.params.json`` sidecar (the
     synthetic world's photos) is taken as already aligned with its stored true parameters.
-    ``align=False`` takes the photos as already FFHQ-aligned (resized to ``size``, as the official
-    inference does). ``face_index`` picks among several faces (largest first).
+    ``align=False`` takes the photos as already FFHQ-aligned (squashed to ``size`` as the official
+    inference does; DECA's landmarks are detected on it). ``face_index`` picks among several faces
+    (0 = the largest). ``progress(done, total)`` is called after each photo is aligned.
     """
     from .image_io import load_image
 
@@ -435,94 +428,100 @@ def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool 
     if not images:
         raise InputError("fit needs at least one photo")
     size = int(size)
-    if size < 16 or size > 2048:
+    if not 16 <= size <= 2048:
         raise InputError(f"size must be between 16 and 2048 pixels, got {size}")
-    originals, aligned, alignments, fits, names = [], [], [], [], []
+    device = _rig_device(rig)
+    originals, names, alignments = [], [], []
+    crops: list[torch.Tensor | None] = []
+    fits: list[tuple[dict, torch.Tensor] | None] = []
+    to_fit: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # (index, aligned uint8, landmarks)
     for k, item in enumerate(images):
         name = _name_of(item, k)
+        image = load_image(item)
         sidecar = _sidecar_path(item)
-        try:
-            image = load_image(item)
-        except ImageError:
-            raise
-        except Exception as exc:
-            raise ImageError(f"cannot read photo {name!r}: {exc}; give a JPEG/PNG/WebP file or an RGB array") from exc
         if sidecar is not None:
-            crop, fitted = _fit_from_sidecar(rig, image, sidecar, size)
-            alignment = None
+            crop, fitted = _fit_from_sidecar(image, sidecar, size, device)
+            crops.append(_to_unit_tensor([crop]).to(device))
+            fits.append(fitted)
+            alignments.append(None)
         else:
             crop, alignment, landmarks = _align(image, name, size, face_index, align)
-            try:
-                fitted = rig.fit(crop, landmarks=landmarks, size=size)
-            except NoFaceError as exc:
-                raise NoFaceError(f"no face found in {name!r}: {exc}") from exc
+            to_fit.append((k, crop, landmarks))
+            crops.append(None)
+            fits.append(None)
+            alignments.append(alignment)
         originals.append(image)
-        aligned.append(crop)
-        alignments.append(alignment)
-        fits.append(fitted)
         names.append(name)
         if progress is not None:
             progress(k + 1, len(images))
-    params = {key: torch.cat([f[0][key].reshape(1, *f[0][key].shape[-_param_ndim(key):]).float()
-                              for f in fits]) for key in PARAM_KEYS}
-    tform = torch.cat([f[1].reshape(1, 3, 3).float() for f in fits])
-    device = tform.device
-    params = {k: v.to(device) for k, v in params.items()}
-    center = rig.ffhq_center(params).reshape(len(fits), 3)
-    portrait = Portrait(original=originals, aligned=_to_unit_tensor(aligned).to(device), alignment=alignments,
-                        params=params, tform=tform, center=center, names=names)
-    # the source's face alpha, for paste-back masks
-    portrait.face_mask = _alpha(render(rig, portrait))
+    for k, crop, landmarks in to_fit:  # DECA one photo at a time: a NoFaceError names its photo
+        try:
+            fitted = rig.fit(crop, landmarks=landmarks, size=size, face_index=face_index if landmarks is None else 0)
+        except NoFaceError:
+            raise NoFaceError(
+                f"no face found in {names[k]!r}; use a photo where one face is clearly visible, roughly "
+                "frontal and at least about 80 pixels wide") from None
+        crops[k] = fitted.image.float()
+        fits[k] = ({key: fitted.params[key].float() for key in PARAM_KEYS}, fitted.tform.float())
+    params = {key: torch.cat([f[0][key].to(device) for f in fits]) for key in PARAM_KEYS}
+    tform = torch.cat([f[1].reshape(1, 3, 3).to(device) for f in fits])
+    portrait = Portrait(original=originals, aligned=torch.cat([c.to(device) for c in crops]), alignment=alignments,
+                        params=params, tform=tform, center=rig.ffhq_center(params).reshape(len(fits), 3),
+                        names=_unique(names))
+    portrait.face_mask = _alpha(render(rig, portrait))  # the source face, for paste-back masks
     return portrait
 
 
-def _param_ndim(key: str) -> int:
-    return 2 if key == "light" else 1
+def _unique(names: list[str]) -> list[str]:
+    """Distinct names (two photos called face.jpg in different folders become face, face-2)."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
 
 
 def _align(image: np.ndarray, name: str, size: int, face_index: int, align: bool):
-    from .detect import detect_landmarks
+    """(aligned uint8 S x S, AlignResult or None, landmarks in aligned pixels or None)."""
+    from .detect import detect_landmarks, pick_face
 
     if not align:
-        crop = _resize_uint8(image, size)
-        return crop, None, None
-    faces = detect_landmarks(image)
-    faces = [] if faces is None else list(faces) if not isinstance(faces, np.ndarray) or faces.ndim == 3 else [faces]
-    if not faces:
+        return image, None, None  # rig.fit squashes it to S x S like the official TestData
+    try:
+        landmarks = pick_face(detect_landmarks(image), face_index)
+    except NoFaceError:
         raise NoFaceError(
-            f"no face found in {name!r}; use a photo where one face is clearly visible, frontal-ish and "
-            "at least ~100 pixels wide"
-        )
-    if not 0 <= face_index < len(faces):
-        raise InputError(f"face_index {face_index} is out of range: {name!r} has {len(faces)} face(s), "
-                         f"so it must be between 0 and {len(faces) - 1}")
-    landmarks = np.asarray(faces[face_index], dtype=np.float64)
+            f"no face found in {name!r}; use a photo where one face is clearly visible, roughly frontal and "
+            "at least about 80 pixels wide (or pass align=False / --no-align for an already aligned crop)"
+        ) from None
     from .align import ffhq_align
 
     result = ffhq_align(image, landmarks, size, return_quad=True)
-    crop = np.asarray(result.image)
-    quad = np.asarray(result.quad, dtype=np.float64)
-    return crop, result, _landmarks_to_aligned(landmarks, quad, size)
+    return np.asarray(result.image), result, _landmarks_to_aligned(landmarks, result.quad, size)
 
 
-def _fit_from_sidecar(rig, image: np.ndarray, sidecar: Path, size: int):
+def _fit_from_sidecar(image: np.ndarray, sidecar: Path, size: int, device: torch.device):
     """A synthetic photo: its true parameters are stored beside it; the crop frame is the photo itself."""
     from .synthetic import load_sidecar
 
     data = load_sidecar(sidecar)
-    params = data["params"] if isinstance(data, dict) and "params" in data else data
-    params = {k: torch.as_tensor(np.asarray(params[k]), dtype=torch.float32).reshape(1, *np.asarray(params[k]).shape[-_param_ndim(k):])
+    raw = data.get("params", data)
+    params = {k: torch.as_tensor(np.asarray(raw[k], dtype=np.float32)).reshape(1, *_PARAM_TAIL[k]).to(device)
               for k in PARAM_KEYS}
-    tform = data.get("tform") if isinstance(data, dict) else None
-    src = int(image.shape[0])
-    if tform is None:
+    if data.get("tform") is None:
         raise InputError(f"sidecar {sidecar} has no tform; it was not written by the synthetic world")
-    tform = torch.as_tensor(np.asarray(tform), dtype=torch.float32).reshape(1, 3, 3)
-    if src != size:  # the sidecar's tform maps the photo's own frame; rescale it to the S x S frame
-        scale = torch.diag(torch.tensor([src / size, src / size, 1.0]))
-        tform = tform @ scale
-    device = _rig_device(rig)
-    return _resize_uint8(image, size), ({k: v.to(device) for k, v in params.items()}, tform.to(device))
+    tform = torch.as_tensor(np.asarray(data["tform"], dtype=np.float32)).reshape(1, 3, 3)
+    src = int(image.shape[0])
+    tform = _scaled_tform(tform, src, size).to(device)  # the sidecar's tform is in the photo's own frame
+    if image.shape[0] != size or image.shape[1] != size:
+        from .deca import resize_like_testdata
+
+        image = resize_like_testdata(image, size)
+    return image, (params, tform)
+
+
+_PARAM_TAIL = {"shape": (100,), "tex": (50,), "exp": (50,), "pose": (6,), "cam": (3,), "light": (9, 3)}
 
 
 def _rig_device(rig) -> torch.device:
@@ -546,8 +545,10 @@ def apply_edit(portrait: Portrait, edit: Edit, mean_shape: torch.Tensor | None =
                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The edited face parameters and the centre to re-centre on (the source's own ffhq_center).
 
-    ``mean_shape`` (or ``edit.mean_shape``) replaces every shape code, as a personal model was trained
-    on its album's mean shape; the centre was computed from the source's own shape before that.
+    Official semantics (spec 5.5): light = the 9x3 SH; expression = exp + jaw; pose = the global
+    rotation only; camera and albedo code are never changed. ``mean_shape`` (or ``edit.mean_shape``)
+    replaces every shape code, as a personal model was trained on its album's mean shape; the centre
+    was computed from the source's own shape before that, so the face stays where it was.
     """
     from . import edits as E
 
@@ -557,43 +558,36 @@ def apply_edit(portrait: Portrait, edit: Edit, mean_shape: torch.Tensor | None =
     dev = params["pose"].device
     shape = edit.mean_shape if edit.mean_shape is not None else mean_shape
     if shape is not None:
-        params["shape"] = torch.as_tensor(shape, dtype=torch.float32, device=dev).reshape(1, -1).expand(n, -1).clone()
+        params = E.with_shape(params, torch.as_tensor(shape, dtype=torch.float32, device=dev).reshape(1, -1))
 
-    # light (SH 9x3): from a target, explicit coefficients, or a directional light
+    # light: from a target, explicit SH, or a directional light; intensity and colour scale any of them
     if edit.light_from is not None:
-        params["light"] = _take(edit.light_from.params["light"].to(dev), n).clone()
+        params = E.with_light(params, _take(edit.light_from.params["light"].to(dev), n))
     elif edit.light_sh is not None:
-        params["light"] = edit.light_sh.to(dev).reshape(1, 9, 3).expand(n, -1, -1).clone()
+        params = E.light_from_sh(params, edit.light_sh.to(dev))
     elif edit.light_direction is not None:
-        sh = E.directional_light(edit.light_direction, intensity=edit.light_intensity, color=edit.light_color)
-        params["light"] = torch.as_tensor(sh, dtype=torch.float32, device=dev).reshape(1, 9, 3).expand(n, -1, -1).clone()
+        params = E.with_light(params, E.directional_light(edit.light_direction, intensity=edit.light_intensity,
+                                                          color=edit.light_color).to(dev))
     if edit.light_direction is None and (edit.light_intensity != 1.0 or tuple(edit.light_color) != (1.0, 1.0, 1.0)):
         gain = edit.light_intensity * torch.tensor(edit.light_color, dtype=torch.float32, device=dev)
         params["light"] = params["light"] * gain.reshape(1, 1, 3)
 
-    # expression (exp + jaw). The strength blends the source's code toward a target's (or scales the
-    # source's own when there is no target); a jaw given by value is set exactly.
-    s = float(edit.expression_strength)
-    src_exp, src_jaw = params["exp"].clone(), params["pose"][:, 3:].clone()
-    tgt_exp = tgt_jaw = None
+    # expression: the code and jaw (from a target or given), scaled by the strength (0 = neutral);
+    # a jaw given by value is set exactly, after the scaling
     if edit.expression_from is not None:
-        tgt_exp = _take(edit.expression_from.params["exp"].to(dev), n)
-        tgt_jaw = _take(edit.expression_from.params["pose"][:, 3:].to(dev), n)
+        params = E.expression_from(params, {k: _take(v.to(dev), n) for k, v in edit.expression_from.params.items()})
     if edit.expression is not None:
-        tgt_exp = edit.expression.to(dev).reshape(1, -1).expand(n, -1)
-    params["exp"] = src_exp * s if tgt_exp is None else src_exp + s * (tgt_exp - src_exp)
+        params = E.with_expression(params, exp=edit.expression.to(dev))
+    if edit.expression_strength != 1.0:
+        params = E.with_expression(params, strength=edit.expression_strength)
     if edit.jaw is not None:
-        params["pose"][:, 3:] = torch.tensor(edit.jaw, dtype=torch.float32, device=dev).reshape(1, 3)
+        params = E.with_expression(params, jaw=torch.tensor(edit.jaw, dtype=torch.float32, device=dev))
     elif edit.jaw_open is not None:
-        params["pose"][:, 3:] = torch.tensor([math.radians(edit.jaw_open), 0.0, 0.0], device=dev).reshape(1, 3)
-    elif tgt_jaw is not None:
-        params["pose"][:, 3:] = src_jaw + s * (tgt_jaw - src_jaw)
-    elif tgt_exp is None:
-        params["pose"][:, 3:] = src_jaw * s
+        params = E.with_expression(params, jaw=torch.tensor([math.radians(edit.jaw_open), 0.0, 0.0], device=dev))
 
-    # head pose: the target's global rotation, then a relative yaw/pitch/roll
+    # head pose: the target's global rotation (jaw kept), then a relative yaw/pitch/roll
     if edit.pose_from is not None:
-        params["pose"][:, :3] = _take(edit.pose_from.params["pose"][:, :3].to(dev), n)
+        params = E.pose_from(params, {k: _take(v.to(dev), n) for k, v in edit.pose_from.params.items()})
     if edit.yaw or edit.pitch or edit.roll:
         params = E.with_pose(params, yaw=edit.yaw, pitch=edit.pitch, roll=edit.roll)
     return params, portrait.center.clone()
@@ -676,8 +670,8 @@ def _steps(steps: str | int) -> str:
     try:
         spec = resolve_steps(steps)
         space_timesteps(1000, spec)
-    except InputError:
-        raise
+    except InputError as exc:
+        raise InputError(f"steps {steps!r}: {exc}") from None
     except Exception:
         raise InputError(f"steps {steps!r} is not understood: use 'ddimN' or a number of steps N "
                          "between 1 and 1000 (e.g. ddim20, 50)") from None
