@@ -5,7 +5,6 @@ face rig load on the first request. See docs/APP.md.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .app import AppConfig, Engine
@@ -29,21 +28,22 @@ def build_demo(config: AppConfig | None = None, engine: Engine | None = None, **
     return demo
 
 
-def launch(config: AppConfig | None = None, *, host: str = "127.0.0.1", port: int | None = 7860,
-           share: bool = False, open_browser: bool = False, block: bool = True, quiet: bool = False,
-           **config_kwargs: Any):
-    """Build and serve the app. ``block=False`` returns ``(demo, url)`` with the server running."""
+def launch(config: AppConfig | None = None, *, engine: Engine | None = None, host: str = "127.0.0.1",
+           port: int | None = 7860, share: bool = False, open_browser: bool = False, block: bool = True,
+           quiet: bool = False, **config_kwargs: Any):
+    """Build and serve the app. ``block=False`` returns ``(demo, url)`` with the server running
+    (stop it with ``demo.close()``)."""
     from . import ui
 
-    demo = build_demo(config, **config_kwargs)
-    engine: Engine = demo.diffusionrig_engine
-    allowed = [str(p) for p in (engine.config.work_dir, *engine.models_dirs()) if p is not None]
-    if engine.config.model is not None:
-        allowed.append(str(Path(engine.config.model).parent))
+    demo = build_demo(config, engine, **config_kwargs)
+    cfg = demo.diffusionrig_engine.config
+    # results, personal models and demo photos live in the work folder: a temporary one by default,
+    # which Gradio serves anyway; a chosen one must be allowed. Nothing else is served.
+    allowed = [str(cfg.work_dir)] if cfg.work_dir is not None else None
     _, local_url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, inbrowser=open_browser, quiet=quiet,
-        prevent_thread_lock=True, show_error=True, allowed_paths=allowed or None,
-        max_file_size=f"{int(engine.config.max_upload_mb * 4)}mb", css=ui.CSS, footer_links=["api", "gradio"],
+        prevent_thread_lock=True, show_error=True, allowed_paths=allowed,
+        max_file_size=f"{int(cfg.max_upload_mb * 4)}mb", css=ui.CSS, footer_links=["api", "gradio"],
     )
     url = share_url or local_url
     if not block:

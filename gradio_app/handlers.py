@@ -87,6 +87,9 @@ def check_photo(engine: Engine, value: Any, what: str = "photo") -> Path:
 
 
 def steps_spec(engine: Engine, steps: Any) -> str:
+    """The number of DDIM steps -> the core's step spec; None = the app's default."""
+    if steps is None or steps == "":
+        steps = engine.config.default_steps
     try:
         n = int(steps)
     except (TypeError, ValueError):

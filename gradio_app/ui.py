@@ -38,8 +38,8 @@ R = Edit.RANGES  # slider ranges come from the core, so the app never offers a v
 def _user_error(exc: BaseException) -> gr.Error:
     if isinstance(exc, gr.Error):
         return exc
-    if isinstance(exc, DiffusionRigError):
-        return gr.Error(str(exc), title=_title(exc))
+    if isinstance(exc, DiffusionRigError):  # the user's to fix: no traceback in the server log
+        return gr.Error(_sentence(exc), title=_title(exc), print_exception=False)
     name = type(exc).__name__
     if "OutOfMemory" in name or isinstance(exc, MemoryError):
         return gr.Error("The machine ran out of memory for this request. Try fewer steps or a smaller "
@@ -47,6 +47,11 @@ def _user_error(exc: BaseException) -> gr.Error:
     log.error("unexpected error in the app:\n%s", "".join(traceback.format_exception(exc)))
     return gr.Error(f"Something went wrong ({name}: {exc}). The app is still running; please try again, "
                     "and report the problem if it persists.", title="Unexpected error")
+
+
+def _sentence(exc: BaseException) -> str:
+    text = str(exc)
+    return text[:1].upper() + text[1:]
 
 
 def _title(exc: BaseException) -> str:
@@ -212,9 +217,10 @@ def build(engine: Engine) -> gr.Blocks:
                     return H.EditSettings(**dict(zip(names, values)))
 
                 @_guard
-                def do_edit(photo, model, light_mode, azimuth, elevation, intensity, color, preset, yaw, pitch,
-                            roll, jaw_open, expression_strength, take_from, reference, seed, random_seed, steps,
-                            invert, progress=gr.Progress()):
+                def do_edit(photo, model=None, light_mode=H.LIGHT_MODES[0], azimuth=0.0, elevation=0.0, intensity=1.0,
+                            color="#ffffff", preset=None, yaw=0.0, pitch=0.0, roll=0.0, jaw_open=0.0,
+                            expression_strength=1.0, take_from=None, reference=None, seed=None,
+                            random_seed=True, steps=None, invert=False, progress=gr.Progress()):
                     s = _settings([light_mode, azimuth, elevation, intensity, color, preset, yaw, pitch, roll,
                                    jaw_open, expression_strength, take_from])
                     out = H.run_edit(engine, photo, model, s, reference, seed, random_seed, steps, invert,
@@ -237,8 +243,20 @@ def build(engine: Engine) -> gr.Blocks:
                 preview_inputs = [photo, model, *settings_inputs, reference]
                 preview_kw = dict(fn=do_preview, inputs=preview_inputs, outputs=buffers, show_progress="minimal",
                                   trigger_mode="always_last", concurrency_id="preview", concurrency_limit=2)
-                photo.upload(api_name="preview", **preview_kw)
-                for control in (azimuth, elevation, intensity, yaw, pitch, roll, jaw, strength):
+
+                def do_upload(*values):
+                    # a bad file is taken out again, with a message saying why, instead of staying
+                    # in the photo box as a broken image
+                    try:
+                        return gr.skip(), do_preview.__wrapped__(*values)
+                    except DiffusionRigError as exc:
+                        gr.Warning(_sentence(exc), title=_title(exc))
+                        return None, []
+
+                photo.upload(_guard(do_upload), preview_inputs, [photo, buffers], show_progress="minimal",
+                             concurrency_id="preview", api_visibility="private")
+                azimuth.release(api_name="preview", **preview_kw)
+                for control in (elevation, intensity, yaw, pitch, roll, jaw, strength):
                     control.release(api_visibility="private", **preview_kw)
                 for control in (light_mode, preset, color, take_from, model):
                     control.input(api_visibility="private", **preview_kw)
@@ -261,7 +279,7 @@ def build(engine: Engine) -> gr.Blocks:
                         m_compare, m_info, m_buffers, m_pasted, m_files = _result_column()
 
                 @_guard
-                def do_mix(photo, code_photo, model, seed, random_seed, steps, progress=gr.Progress()):
+                def do_mix(photo, code_photo, model=None, seed=None, random_seed=True, steps=None, progress=gr.Progress()):
                     out = H.run_mix(engine, photo, code_photo, model, seed, random_seed, steps,
                                     progress=_progress(progress))
                     return _edit_outputs(out)
@@ -287,7 +305,8 @@ def build(engine: Engine) -> gr.Blocks:
                         s_compare, s_info, s_buffers, s_pasted, s_files = _result_column()
 
                 @_guard
-                def do_swap(photo, model, other_model, seed, random_seed, steps, progress=gr.Progress()):
+                def do_swap(photo, model=None, other_model=None, seed=None, random_seed=True, steps=None,
+                            progress=gr.Progress()):
                     out = H.run_swap(engine, photo, model, other_model, seed, random_seed, steps,
                                      progress=_progress(progress))
                     return _edit_outputs(out)
@@ -329,7 +348,7 @@ def build(engine: Engine) -> gr.Blocks:
                         train_file = gr.File(label="Personal model", interactive=False)
 
                 @_guard
-                def do_check(files, model, progress=gr.Progress()):
+                def do_check(files, model=None, progress=gr.Progress()):
                     out = H.check_album(engine, files, model, progress=_progress(progress))
                     return out.gallery, out.rejected, out.summary
 
@@ -337,7 +356,7 @@ def build(engine: Engine) -> gr.Blocks:
                                   [album_gallery, album_rejected, album_summary], api_name="album_check")
 
                 @_guard
-                def do_train(files, model, steps, name, progress=gr.Progress()):
+                def do_train(files, model=None, steps=500, name="personal", progress=gr.Progress()):
                     import pandas as pd
 
                     for update in H.train_album(engine, files, model, steps, name, progress=_progress(progress)):
