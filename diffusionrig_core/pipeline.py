@@ -14,6 +14,7 @@ import dataclasses
 import math
 import secrets
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import CheckpointError, ImageError, InputError, NoFaceError
+from .errors import AssetError, CheckpointError, InputError, NoFaceError
 
 PathLike = str | Path
 Progress = Callable[[int, int], None]
@@ -296,12 +297,20 @@ def _device(device: torch.device | str | None) -> torch.device:
 
 
 def load_rig(assets_dir: PathLike | None = None, device: torch.device | str | None = None):
-    """The face rig (FLAME + DECA + renderer). ``"demo"`` = the synthetic face world's assets."""
+    """The face rig (FLAME + DECA + renderer). ``"demo"`` = the synthetic face world's assets; None = the
+    configured assets folder, or (with a warning) the demo world's when no real assets are installed."""
     from .rig import FaceRig
 
     device = _device(device)
     if assets_dir is not None and str(assets_dir) == "demo":
         return FaceRig.load(assets_dir=demo_assets_dir(), device=device)
+    if assets_dir is None:
+        try:
+            return FaceRig.load(device=device)
+        except AssetError as exc:
+            warnings.warn(f"{exc}\nUsing the synthetic demo world's face rig instead: it edits the demo's "
+                          "photos, not real ones.", stacklevel=2)
+            return FaceRig.load(assets_dir=demo_assets_dir(), device=device)
     return FaceRig.load(assets_dir=assets_dir, device=device)
 
 
@@ -411,14 +420,15 @@ def _landmarks_to_aligned(lms: np.ndarray, quad: np.ndarray, size: int) -> np.nd
 
 
 def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool = True,
-        progress: Progress | None = None) -> Portrait:
+        progress: Progress | None = None, use_sidecar: bool = True) -> Portrait:
     """Fit photos for editing: detect 68 landmarks, FFHQ-align to ``size``, fit DECA on the aligned crop.
 
     ``images`` are paths, uint8 arrays or PIL images. A photo with a ``NAME.params.json`` sidecar (the
     synthetic world's photos) is taken as already aligned with its stored true parameters.
     ``align=False`` takes the photos as already FFHQ-aligned (squashed to ``size`` as the official
-    inference does; DECA's landmarks are detected on it). ``face_index`` picks among several faces
-    (0 = the largest). ``progress(done, total)`` is called after each photo is aligned.
+    inference does; DECA's landmarks are detected on it, or read from ``NAME.txt`` beside it).
+    ``face_index`` picks among several faces (0 = the largest). ``progress(done, total)`` is called
+    after each photo is aligned. ``use_sidecar=False`` ignores sidecars (fit synthetic photos with DECA).
     """
     from .image_io import load_image
 
@@ -438,7 +448,7 @@ def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool 
     for k, item in enumerate(images):
         name = _name_of(item, k)
         image = load_image(item)
-        sidecar = _sidecar_path(item)
+        sidecar = _sidecar_path(item) if use_sidecar else None
         if sidecar is not None:
             crop, fitted = _fit_from_sidecar(image, sidecar, size, device)
             crops.append(_to_unit_tensor([crop]).to(device))
@@ -446,7 +456,8 @@ def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool 
             alignments.append(None)
         else:
             crop, alignment, landmarks = _align(image, name, size, face_index, align)
-            to_fit.append((k, crop, landmarks))
+            # unaligned paths go to the rig as paths so official NAME.txt / NAME.mat landmarks are used
+            to_fit.append((k, item if alignment is None and isinstance(item, (str, Path)) else crop, landmarks))
             crops.append(None)
             fits.append(None)
             alignments.append(alignment)
@@ -505,13 +516,10 @@ def _fit_from_sidecar(image: np.ndarray, sidecar: Path, size: int, device: torch
     """A synthetic photo: its true parameters are stored beside it; the crop frame is the photo itself."""
     from .synthetic import load_sidecar
 
-    data = load_sidecar(sidecar)
-    raw = data.get("params", data)
+    raw, tform, _ = load_sidecar(sidecar)  # (params, tform (1,3,3) in the photo's pixels, landmarks)
     params = {k: torch.as_tensor(np.asarray(raw[k], dtype=np.float32)).reshape(1, *_PARAM_TAIL[k]).to(device)
               for k in PARAM_KEYS}
-    if data.get("tform") is None:
-        raise InputError(f"sidecar {sidecar} has no tform; it was not written by the synthetic world")
-    tform = torch.as_tensor(np.asarray(data["tform"], dtype=np.float32)).reshape(1, 3, 3)
+    tform = torch.as_tensor(np.asarray(tform, dtype=np.float32)).reshape(1, 3, 3)
     src = int(image.shape[0])
     tform = _scaled_tform(tform, src, size).to(device)  # the sidecar's tform is in the photo's own frame
     if image.shape[0] != size or image.shape[1] != size:
@@ -1063,7 +1071,7 @@ def contact_sheet(portrait: Portrait, results: Sequence[EditResult], rig=None, c
     normal, albedo (the source column shows the source's buffers when ``rig`` is given)."""
     from PIL import Image, ImageDraw
 
-    s = portrait.size if cell is None else int(cell)
+    s = max(portrait.size, 128) if cell is None else int(cell)  # small crops are enlarged so labels fit
     label_h = 14
     rows_per_photo = 4
     src_prev = None
