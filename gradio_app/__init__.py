@@ -5,11 +5,12 @@ face rig load on the first request. See docs/APP.md.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .app import AppConfig, Engine
 
-__all__ = ["AppConfig", "Engine", "build_demo", "launch"]
+__all__ = ["AppConfig", "Engine", "build_demo", "launch", "serve"]
 
 
 def build_demo(config: AppConfig | None = None, engine: Engine | None = None, **config_kwargs: Any):
@@ -28,14 +29,15 @@ def build_demo(config: AppConfig | None = None, engine: Engine | None = None, **
     return demo
 
 
-def launch(config: AppConfig | None = None, *, engine: Engine | None = None, host: str = "127.0.0.1",
-           port: int | None = 7860, share: bool = False, open_browser: bool = False, block: bool = True,
-           quiet: bool = False, **config_kwargs: Any):
-    """Build and serve the app. ``block=False`` returns ``(demo, url)`` with the server running
-    (stop it with ``demo.close()``)."""
+def serve(demo, *, host: str | None = None, port: int | None = None, share: bool = False,
+          open_browser: bool = False, block: bool = True, quiet: bool = False):
+    """Serve a Blocks made by ``build_demo``. ``host``/``port`` default to ``GRADIO_SERVER_NAME`` /
+    ``GRADIO_SERVER_PORT`` (set by Hugging Face Spaces), else 127.0.0.1:7860. ``block=False``
+    returns ``(demo, url)`` with the server running (stop it with ``demo.close()``)."""
     from . import ui
 
-    demo = build_demo(config, engine, **config_kwargs)
+    host = host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    port = port or int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
     cfg = demo.diffusionrig_engine.config
     # results, personal models and demo photos live in the work folder: a temporary one by default,
     # which Gradio serves anyway; a chosen one must be allowed. Nothing else is served.
@@ -54,3 +56,10 @@ def launch(config: AppConfig | None = None, *, engine: Engine | None = None, hos
         demo.close()
     return demo, url
 
+
+def launch(config: AppConfig | None = None, *, engine: Engine | None = None, host: str | None = None,
+           port: int | None = None, share: bool = False, open_browser: bool = False, block: bool = True,
+           quiet: bool = False, **config_kwargs: Any):
+    """``build_demo`` + ``serve``: what ``diffusionrig app`` runs."""
+    demo = build_demo(config, engine, **config_kwargs)
+    return serve(demo, host=host, port=port, share=share, open_browser=open_browser, block=block, quiet=quiet)

@@ -58,6 +58,31 @@ class AppConfig:
     fit_cache_size: int = 32
     model_cache_size: int = 3
 
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "AppConfig":
+        """Settings from environment variables, for hosted deployments (a Space's "Variables"):
+        DIFFUSIONRIG_MODEL, DIFFUSIONRIG_DEVICE, DIFFUSIONRIG_DEMO (1/0), DIFFUSIONRIG_CONCURRENCY,
+        DIFFUSIONRIG_MAX_STEPS, DIFFUSIONRIG_WORK_DIR. The assets and models folders already follow
+        DIFFUSIONRIG_ASSETS and DIFFUSIONRIG_MODELS."""
+        env = os.environ.get
+        kw: dict[str, Any] = {}
+        if env("DIFFUSIONRIG_MODEL"):
+            kw["model"] = env("DIFFUSIONRIG_MODEL")
+        if env("DIFFUSIONRIG_DEVICE"):
+            kw["device"] = env("DIFFUSIONRIG_DEVICE")
+        if env("DIFFUSIONRIG_DEMO"):
+            kw["demo"] = env("DIFFUSIONRIG_DEMO", "").lower() in ("1", "true", "yes")
+        if env("DIFFUSIONRIG_WORK_DIR"):
+            kw["work_dir"] = env("DIFFUSIONRIG_WORK_DIR")
+        for key, name in (("concurrency_limit", "DIFFUSIONRIG_CONCURRENCY"), ("max_steps", "DIFFUSIONRIG_MAX_STEPS")):
+            if env(name):
+                try:
+                    kw[key] = int(env(name))
+                except ValueError:
+                    raise InputError(f"{name} must be a whole number, got {env(name)!r}") from None
+        kw.update(overrides)
+        return cls(**kw)
+
     def __post_init__(self) -> None:
         for name in ("assets_dir", "model", "work_dir"):
             value = getattr(self, name)

@@ -15,9 +15,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve the DiffusionRig app: edit light, expression and pose of a photo, fine-tune a "
                     "personal model from an album, mix and swap. Without real FLAME/DECA assets it runs on "
                     "the built-in synthetic demo world.")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; 0.0.0.0 serves your network)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--host", default=None,
+                   help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 serves your network)")
+    p.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--share", action="store_true", help="also make a temporary public gradio.live link")
     p.add_argument("--model", type=Path, default=None, help="model to select first (.safetensors or official .pt)")
     p.add_argument("--models-dir", type=Path, action="append", default=[], metavar="DIR",
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="FLAME/DECA assets folder (default: $DIFFUSIONRIG_ASSETS or ~/.local/share/diffusionrig/assets)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the GPU if there is one)")
     p.add_argument("--demo", action="store_true", help="use the synthetic demo world even if real assets exist")
-    p.add_argument("--concurrency", type=int, default=1,
+    p.add_argument("--concurrency", type=int, default=None,
                    help="edits run at once; the others wait in a queue (default 1)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="where results and personal models are written (default: a temporary folder)")
@@ -46,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"model file {args.model} does not exist")
     if args.assets is not None and not args.assets.is_dir():
         raise InputError(f"assets folder {args.assets} does not exist; `diffusionrig assets` lists what goes in it")
-    config = AppConfig(assets_dir=args.assets, model=args.model, models_dirs=args.models_dir,
-                       device=args.device, demo=True if args.demo else None,
-                       concurrency_limit=args.concurrency, work_dir=args.work_dir)
-    print(f"DiffusionRig app on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    given = dict(assets_dir=args.assets, model=args.model, models_dirs=args.models_dir or None,
+                 device=args.device, demo=True if args.demo else None,
+                 concurrency_limit=args.concurrency, work_dir=args.work_dir)
+    # options given on the command line win over the DIFFUSIONRIG_* environment variables
+    config = AppConfig.from_env(**{k: v for k, v in given.items() if v is not None})
     launch(config, host=args.host, port=args.port, share=args.share, open_browser=not args.no_browser)
     return 0
