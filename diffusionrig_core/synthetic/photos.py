@@ -489,6 +489,16 @@ class Sidecar(tuple):
     tform = property(lambda self: self[1])
     landmarks = property(lambda self: self[2])
 
+    def photo_params(self) -> dict[str, torch.Tensor]:
+        """The face parameters plus ``framing`` and ``photo_seed``: with ``tform`` they re-render
+        the photo itself (background jitter and noise included) through ``render_photo``."""
+        out = dict(self[0])
+        if self.record.get("framing") is not None:
+            out["framing"] = torch.tensor(self.record["framing"], dtype=torch.float32)[None]
+        if self.record.get("photo_seed") is not None:
+            out["photo_seed"] = torch.tensor([int(self.record["photo_seed"])], dtype=torch.int64)
+        return out
+
     def get(self, key: str, default: Any = None) -> Any:
         if key in ("params", "tform", "landmarks"):
             return self[("params", "tform", "landmarks").index(key)]
