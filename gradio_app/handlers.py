@@ -6,6 +6,7 @@ dataclass, and raises the core's errors (``DiffusionRigError``) with messages me
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import queue
@@ -86,17 +87,34 @@ def check_photo(engine: Engine, value: Any, what: str = "photo") -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=4)
+def valid_step_counts(maximum: int) -> tuple[int, ...]:
+    """DDIM step counts the official respacing can make exactly (e.g. 37 is not one: stride 27 gives 38)."""
+    from diffusionrig_core.diffusion import resolve_steps, space_timesteps
+
+    counts = []
+    for n in range(1, maximum + 1):
+        try:
+            space_timesteps(1000, resolve_steps(f"ddim{n}"))
+        except DiffusionRigError:
+            continue
+        counts.append(n)
+    return tuple(counts)
+
+
 def steps_spec(engine: Engine, steps: Any) -> str:
-    """The number of DDIM steps -> the core's step spec; None = the app's default."""
+    """A number of DDIM steps -> the core's step spec, snapped to the nearest count the respacing can
+    make (the info line shows the count used); None = the app's default."""
     if steps is None or steps == "":
         steps = engine.config.default_steps
     try:
-        n = int(steps)
+        n = int(float(steps))
     except (TypeError, ValueError):
         raise InputError(f"steps must be a whole number, got {steps!r}") from None
-    if not 1 <= n <= engine.config.max_steps:
-        raise InputError(f"steps must be between 1 and {engine.config.max_steps}, got {n}")
-    return f"ddim{n}"
+    counts = valid_step_counts(engine.config.max_steps)
+    if not counts[0] <= n <= engine.config.max_steps:
+        raise InputError(f"steps must be between {counts[0]} and {engine.config.max_steps}, got {n}")
+    return f"ddim{min(counts, key=lambda c: (abs(c - n), c))}"
 
 
 def pick_seed(seed: Any, random_seed: bool) -> int:

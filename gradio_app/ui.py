@@ -124,7 +124,7 @@ def _seed_row(engine: Engine):
         seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed",
                          info="shown after each run; untick 'Random' to reuse it")
         random_seed = gr.Checkbox(value=True, label="Random seed")
-        steps = gr.Slider(1, engine.config.max_steps, value=engine.config.default_steps, step=1,
+        steps = gr.Slider(2, engine.config.max_steps, value=engine.config.default_steps, step=1,
                           label="Steps", info="DDIM steps: more = slower, a little finer")
     return seed, random_seed, steps
 

@@ -26,10 +26,11 @@ def make_world(root: Path):
         pytest.skip("diffusionrig_core.synthetic has no synthetic people yet (write_album / sample_people)")
     root.mkdir(parents=True, exist_ok=True)
     assets = root / "assets"
-    synthetic.write_synthetic_assets(assets, resolution="tiny")
+    rig = synthetic.synthetic_rig(assets, resolution="tiny")  # photos must be used with the rig that drew them
     photos: dict[str, Path] = {}
     for i, person in enumerate(synthetic.sample_people(2, seed=0)):
-        for j, path in enumerate(synthetic.write_album(root / "photos" / f"person{i + 1}", person, n=2, size=SIZE)):
+        album = synthetic.write_album(root / "photos" / f"person{i + 1}", person, n=2, size=SIZE, rig=rig)
+        for j, path in enumerate(album):
             photos[f"Person {i + 1} · {j + 1}"] = Path(path)
     models = {}
     for k, label in enumerate(("demo: tiny A", "demo: tiny B")):
