@@ -153,3 +153,24 @@ class SmoothRig(DiffusionRig):
 def smooth_model() -> SmoothRig:
     torch.manual_seed(0)
     return SmoothRig(ModelConfig.tiny()).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def album() -> list[Path]:
+    """Three synthetic photos (64 px, with their NAME.params.json sidecars) of two people, rendered
+    with ``rig()`` so the true parameters match the assets the tests load."""
+    from diffusionrig_core import synthetic
+
+    out = Path(tempfile.mkdtemp(prefix="drig_pipeline_album_"))
+    people = synthetic.sample_people(2, seed=0)
+    paths = synthetic.write_album(out / "a", people[0], n=2, size=SIZE, rig=rig())
+    paths += synthetic.write_album(out / "b", people[1], n=1, size=SIZE, rig=rig(), prefix="other")
+    return [Path(p) for p in paths]
+
+
+@functools.lru_cache(maxsize=None)
+def model_file(size: int = SIZE) -> Path:
+    from diffusionrig_core.checkpoint import save_model
+
+    out = Path(tempfile.mkdtemp(prefix="drig_pipeline_model_")) / f"tiny{size}.safetensors"
+    return save_model(tiny_model(size=size), out)

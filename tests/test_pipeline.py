@@ -34,6 +34,22 @@ def model():
     return W.tiny_model()
 
 
+# sampling-heavy tests run the tiny architecture at 32 px (4x cheaper than 64)
+@pytest.fixture(scope="module")
+def small():
+    return W.aligned_portrait(1, seed=0, size=32)
+
+
+@pytest.fixture(scope="module")
+def small_target():
+    return W.aligned_portrait(1, seed=7, size=32)
+
+
+@pytest.fixture(scope="module")
+def model32():
+    return W.tiny_model(size=32)
+
+
 def buffers_of(rig, portrait, edit, mean_shape=None):
     params, _ = P.apply_edit(portrait, edit, mean_shape=mean_shape)
     return params, P.render(rig, portrait, params)
@@ -138,9 +154,9 @@ def test_mean_shape_replaces_the_shape_and_the_face_stays_centred_on_the_source(
     assert (centre_px(out["alpha"]) - centre_px(src["alpha"])).abs().max() < 2.0
 
 
-def test_a_personal_models_mean_shape_is_used_by_default(rig, portrait):
-    personal = W.tiny_model(0, mean_shape_seed=3)
-    res = P.edit(personal, portrait, P.Edit(), rig, seed=1, steps="ddim2", paste=False)[0]
+def test_a_personal_models_mean_shape_is_used_by_default(rig, small):
+    personal = W.tiny_model(0, mean_shape_seed=3, size=32)
+    res = P.edit(personal, small, P.Edit(), rig, seed=1, steps="ddim2", paste=False)[0]
     assert torch.equal(res.params["shape"], personal.mean_shape)
 
 
@@ -160,43 +176,43 @@ def test_the_same_seed_gives_the_same_image_in_a_batch_of_1_and_of_8(rig):
     assert (batch[0] - batch[1]).abs().max() > 1e-2  # different seeds, different images
 
 
-def test_eta_above_zero_keeps_per_image_seeds_batch_independent(rig, model):
-    p2 = W.aligned_portrait(2, seed=30)
-    buffers, latent = P.render(rig, p2), P.encode(model, p2.aligned)
-    both = P.sample(model, buffers, latent, seeds=[5, 6], steps="ddim3", eta=0.7)
-    second = P.sample(model, buffers[1:], latent[1:], seeds=[6], steps="ddim3", eta=0.7)
+def test_eta_above_zero_keeps_per_image_seeds_batch_independent(rig, model32):
+    p2 = W.aligned_portrait(2, seed=30, size=32)
+    buffers, latent = P.render(rig, p2), P.encode(model32, p2.aligned)
+    both = P.sample(model32, buffers, latent, seeds=[5, 6], steps="ddim3", eta=0.7)
+    second = P.sample(model32, buffers[1:], latent[1:], seeds=[6], steps="ddim3", eta=0.7)
     assert (both[1] - second[0]).abs().max() < 1e-4
 
 
-def test_edit_returns_its_seed_and_the_seed_reproduces_the_result(rig, portrait, model):
-    first = P.edit(model, portrait, P.Edit(yaw=10.0), rig, seed=None, steps="ddim2", paste=False)[0]
+def test_edit_returns_its_seed_and_the_seed_reproduces_the_result(rig, small, model32):
+    first = P.edit(model32, small, P.Edit(yaw=10.0), rig, seed=None, steps="ddim2", paste=False)[0]
     assert isinstance(first.seed, int)
-    again = P.edit(model, portrait, P.Edit(yaw=10.0), rig, seed=first.seed, steps="ddim2", paste=False)[0]
+    again = P.edit(model32, small, P.Edit(yaw=10.0), rig, seed=first.seed, steps="ddim2", paste=False)[0]
     assert np.array_equal(first.image, again.image)
 
 
-def test_a_sweep_shares_one_noise_and_a_result_is_the_same_alone_or_in_the_sweep(rig, portrait, model):
+def test_a_sweep_shares_one_noise_and_a_result_is_the_same_alone_or_in_the_sweep(rig, small, model32):
     sweep = [P.Edit(yaw=float(v)) for v in (-20, 0, 20)]
-    results = P.edit(model, portrait, sweep, rig, seed=42, steps="ddim2", paste=False)
+    results = P.edit(model32, small, sweep, rig, seed=42, steps="ddim2", paste=False)
     assert [r.seed for r in results] == [42, 42, 42]
-    alone = P.edit(model, portrait, sweep[2], rig, seed=42, steps="ddim2", paste=False)[0]
+    alone = P.edit(model32, small, sweep[2], rig, seed=42, steps="ddim2", paste=False)[0]
     assert np.abs(alone.image.astype(int) - results[2].image.astype(int)).max() <= 1
-    independent = P.edit(model, portrait, sweep, rig, seed=42, steps="ddim2", paste=False, shared_noise=False)
+    independent = P.edit(model32, small, sweep, rig, seed=42, steps="ddim2", paste=False, shared_noise=False)
     assert [r.seed for r in independent] == [42, 43, 44]
 
 
-def test_mix_and_match_samples_with_the_other_portraits_latent(rig, portrait, target, model):
-    res = P.edit(model, portrait, P.Edit(latent_from=target), rig, seed=3, steps="ddim2", paste=False)[0]
-    direct = P.sample(model, P.render(rig, portrait), P.encode(model, target.aligned), seeds=3, steps="ddim2")
+def test_mix_and_match_samples_with_the_other_portraits_latent(rig, small, small_target, model32):
+    res = P.edit(model32, small, P.Edit(latent_from=small_target), rig, seed=3, steps="ddim2", paste=False)[0]
+    direct = P.sample(model32, P.render(rig, small), P.encode(model32, small_target.aligned), seeds=3, steps="ddim2")
     assert np.abs(res.image.astype(int) - P._to_uint8(direct)[0].astype(int)).max() <= 1
 
 
-def test_identity_swap_samples_with_the_other_model_and_its_mean_shape(rig, portrait, model):
-    other = W.tiny_model(1, mean_shape_seed=5)
-    res = P.edit(model, portrait, P.Edit(model=other), rig, seed=4, steps="ddim2", paste=False)[0]
+def test_identity_swap_samples_with_the_other_model_and_its_mean_shape(rig, small, model32):
+    other = W.tiny_model(1, mean_shape_seed=5, size=32)
+    res = P.edit(model32, small, P.Edit(model=other), rig, seed=4, steps="ddim2", paste=False)[0]
     assert torch.equal(res.params["shape"], other.mean_shape)
-    params, _ = P.apply_edit(portrait, P.Edit(), mean_shape=other.mean_shape)
-    direct = P.sample(other, P.render(rig, portrait, params), P.encode(other, portrait.aligned), seeds=4,
+    params, _ = P.apply_edit(small, P.Edit(), mean_shape=other.mean_shape)
+    direct = P.sample(other, P.render(rig, small, params), P.encode(other, small.aligned), seeds=4,
                       steps="ddim2")
     assert np.abs(res.image.astype(int) - P._to_uint8(direct)[0].astype(int)).max() <= 1
 
@@ -288,11 +304,11 @@ def test_paste_back_of_an_already_aligned_photo_keeps_the_background(rig, portra
     assert (out[mask >= 0.999] >= 254).all()
 
 
-def test_edit_pastes_back_into_the_full_photo(rig, model):
-    p = W.quad_portrait(seed=5)
-    res = P.edit(model, p, P.Edit(light_intensity=1.5), rig, seed=0, steps="ddim2")[0]
+def test_edit_pastes_back_into_the_full_photo(rig, model32):
+    p = W.quad_portrait(seed=5, size=32)
+    res = P.edit(model32, p, P.Edit(light_intensity=1.5), rig, seed=0, steps="ddim2")[0]
     assert res.pasted.shape == p.original[0].shape and res.pasted.dtype == np.uint8
-    assert res.image.shape == (W.SIZE, W.SIZE, 3)
+    assert res.image.shape == (32, 32, 3)
     assert np.any(res.pasted != p.original[0])
 
 
@@ -316,10 +332,10 @@ def test_edit_dict_round_trip_and_known_keys():
     assert torch.allclose(back.light_sh, e.light_sh) and back.light_color == e.light_color
 
 
-def test_contact_sheet_shows_source_buffers_and_results(rig, portrait, model):
-    results = P.edit(model, portrait, [P.Edit(yaw=-15.0), P.Edit(yaw=15.0)], rig, seed=0, steps="ddim2", paste=False)
-    sheet = P.contact_sheet(portrait, results, rig=rig)
-    assert sheet.size[0] == 3 * 128 and sheet.size[1] >= 4 * 128  # 64 px crops are shown at 128
+def test_contact_sheet_shows_source_buffers_and_results(rig, small, model32):
+    results = P.edit(model32, small, [P.Edit(yaw=-15.0), P.Edit(yaw=15.0)], rig, seed=0, steps="ddim2", paste=False)
+    sheet = P.contact_sheet(small, results, rig=rig)
+    assert sheet.size[0] == 3 * 128 and sheet.size[1] >= 4 * 128  # small crops are shown at 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +399,8 @@ def test_bad_sampling_options_are_refused(rig, portrait, model):
         P.edit(model, portrait, P.Edit(), rig, eta=2.0)
     with pytest.raises(InputError, match="steps 'ddimX'"):
         P.edit(model, portrait, P.Edit(), rig, steps="ddimX")
+    with pytest.raises(InputError, match="refine"):
+        P.invert(model, portrait.aligned, torch.zeros(1, 9, 64, 64), torch.zeros(1, 64), refine=99)
     with pytest.raises(InputError, match="one seed per image"):
         P.sample(model, torch.zeros(2, 9, 64, 64), torch.zeros(2, 64), seeds=[1, 2, 3])
     with pytest.raises(InputError, match="at least one edit"):

@@ -204,10 +204,13 @@ def run_edit(args) -> int:
     device = pipeline._device(args.device)
     if args.model == "demo" and args.assets is None:
         args.assets = "demo"
+    # every option error before any heavy work (loading models, fitting photos)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.sweep:
-        parse_sweep(args.sweep)  # fail on a bad sweep before any heavy work
+    build_edits(args, {}, None)
+    pipeline._steps(args.steps)
+    if not 0.0 <= args.eta <= 1.0:
+        raise InputError(f"--eta must be between 0 and 1, got {args.eta}")
     model = pipeline.load_model(args.model, device=device)
     swap = pipeline.load_model(args.swap_model, device=device) if args.swap_model else None
     rig = pipeline.load_rig(args.assets, device=device)
