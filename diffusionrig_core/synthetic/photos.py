@@ -79,15 +79,20 @@ ALL_OFF = PhotoOptions(False, False, False, False, False)
 
 def synthetic_rig(assets_dir: str | Path, seed: int = 0, resolution: str = "small",
                   device: str | torch.device = "cpu") -> Any:
-    """The face rig of the synthetic world in ``assets_dir`` (files written first if missing)."""
+    """The face rig of the synthetic world in ``assets_dir`` (files written first if missing).
+
+    The files are read by the same loaders as real assets; the FLAME pickle is read directly (no
+    safetensors cache copy: synthetic worlds are many and cheap to parse)."""
+    from ..assets import load_flame_model, load_landmark_embedding, load_obj, load_texture_space
     from ..rig import FaceRig
 
     root = Path(assets_dir)
     if not all((root / name).is_file() for name in A.FILE_NAMES.values()):
         A.write_synthetic_assets(root, seed=seed, resolution=resolution)
-    return FaceRig.load(flame=root / A.FILE_NAMES["flame"], texture=root / A.FILE_NAMES["texture"],
-                        template=root / A.FILE_NAMES["template"],
-                        landmarks=root / A.FILE_NAMES["landmarks"], assets_dir=root, device=device)
+    return FaceRig.from_arrays(load_flame_model(root / A.FILE_NAMES["flame"], cache=False),
+                               load_landmark_embedding(root / A.FILE_NAMES["landmarks"]),
+                               load_texture_space(root / A.FILE_NAMES["texture"]),
+                               load_obj(root / A.FILE_NAMES["template"]), device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,17 +333,18 @@ def background(person: Person, photo_seed: int, size: int) -> np.ndarray:
 # Rendering
 
 
-def _specular(normal: torch.Tensor, light: torch.Tensor, shininess: float) -> torch.Tensor:
-    """Blinn-Phong (B,3,H,W) for the distant light hidden in the SH's first-order terms; the camera
-    looks along -z (orthographic), so the view vector is +z."""
+def _specular_terms(normal: torch.Tensor, light: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n.h clamped and masked to lit normals (B,1,H,W), light strength per colour (B,3,1,1)) for
+    the distant light hidden in the SH's first-order terms. The camera looks along -z
+    (orthographic), so the Blinn-Phong half vector is between the light and +z."""
     lin = light[:, 1:4, :]  # (B, 3 xyz, 3 rgb)
     d = F.normalize(lin.mean(2), dim=1)  # (B,3)
-    strength = lin.norm(dim=1) * SH_CONSTANTS[1]  # (B,3) per colour
+    strength = (lin.norm(dim=1) * SH_CONSTANTS[1])[:, :, None, None]
     h = F.normalize(d + torch.tensor([0.0, 0.0, 1.0]), dim=1)
     n = F.normalize(normal, dim=1, eps=1e-6)
-    ndh = (n * h[:, :, None, None]).sum(1, keepdim=True).clamp(min=0)
-    ndl = (n * d[:, :, None, None]).sum(1, keepdim=True)
-    return strength[:, :, None, None] * ndh ** shininess * (ndl > 0)
+    ndh = torch.einsum("bchw,bc->bhw", n, h).clamp(min=0)[:, None]
+    lit = torch.einsum("bchw,bc->bhw", n, d)[:, None] > 0
+    return ndh * lit, strength
 
 
 def compose_photo(out: Mapping[str, torch.Tensor], person: Person | None, params: Mapping[str, torch.Tensor],
@@ -355,30 +361,34 @@ def compose_photo(out: Mapping[str, torch.Tensor], person: Person | None, params
         albedo = (albedo + uv[:, 0:3]) * torch.where(alpha > 0, uv[:, 3:6], torch.ones_like(uv[:, 3:6]))
     color = albedo * shading
     light = params["light"][:1].float()
+    if (options.specular or options.extras) and uv is not None:
+        ndh, strength = _specular_terms(out["normal"][:1], light)
+        spec = lambda shininess: strength * ndh ** shininess  # noqa: E731
     if options.specular and uv is not None:
-        color = color + person.specular * uv[:, 6:7] * _specular(out["normal"][:1], light, person.shininess)
+        color = color + person.specular * uv[:, 6:7] * spec(person.shininess)
     if options.extras and uv is not None:
         hair_a, strands = uv[:, 7:8], uv[:, 8:9]
         hair_rgb = torch.from_numpy(person.hair_rgb)[None, :, None, None]
         hair = hair_rgb * (1 + 0.25 * strands) * shading
-        hair = hair + 0.08 * _specular(out["normal"][:1], light, 8.0) * (1 + 0.5 * strands)
+        hair = hair + 0.08 * spec(8.0) * (1 + 0.5 * strands)
         color = color * (1 - hair_a) + hair * hair_a
         lens_a, frame_a = uv[:, 9:10], uv[:, 10:11]
         lens_rgb = torch.from_numpy(person.lens_rgb)[None, :, None, None]
         color = color * (1 - 0.5 * lens_a * (1 - lens_rgb))
-        color = color + 0.5 * lens_a * _specular(out["normal"][:1], light, 60.0)
+        color = color + 0.5 * lens_a * spec(60.0)
         frame_rgb = torch.from_numpy(person.glasses_rgb)[None, :, None, None]
-        frame = frame_rgb * shading + 0.4 * _specular(out["normal"][:1], light, 30.0)
+        frame = frame_rgb * shading + 0.4 * spec(30.0)
         color = color * (1 - frame_a) + frame * frame_a
     color = color * alpha
-    img = color[0].permute(1, 2, 0).double().numpy()
-    a = alpha[0, 0].double().numpy()[..., None]
+    img = color[0].permute(1, 2, 0).numpy()
+    a = alpha[0, 0].numpy()[..., None]
     seed = int(params["photo_seed"][0]) if "photo_seed" in params else 0
     if options.background and person is not None:
-        img = img + (1 - a) * background(person, seed, size)
+        img = img + (1 - a) * background(person, seed, size).astype(np.float32)
     if options.noise:
         rng = np.random.default_rng([seed, 19])
-        img = img + rng.normal(0, rng.uniform(0.002, 0.008), img.shape)
+        sigma = np.float32(rng.uniform(0.002, 0.008))
+        img = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
     return np.clip(img, 0.0, 1.0)
 
 
