@@ -254,12 +254,24 @@ class FakeBuiltins:
         raise KeyError(class_type)
 
 
-def run_prompt(prompt: dict, classes: dict, info: dict, builtins: FakeBuiltins) -> dict:
-    """Execute a prompt like ComfyUI: validate_inputs with the widget values, then execute in order."""
+def run_prompt(prompt: dict, classes: dict, info: dict, builtins: FakeBuiltins, cache: dict | None = None) -> dict:
+    """Execute a prompt like ComfyUI: validate_inputs with the widget values, then execute in order.
+
+    ``cache`` keeps node outputs between prompts under the node's signature (class, literal inputs
+    and the signatures of its inputs), as ComfyUI's output cache does; output nodes always run.
+    """
     outputs: dict[str, tuple] = {}
+    signature: dict[str, str] = {}
+    cache = {} if cache is None else cache
     for node_id in _topological(prompt):
         node = prompt[node_id]
         class_type = node["class_type"]
+        signature[node_id] = json.dumps([class_type, {k: ["<link>", signature[v[0]], v[1]] if isinstance(v, list) else v
+                                                      for k, v in sorted(node["inputs"].items())}])
+        cacheable = class_type in classes and not info[class_type]["output_node"]
+        if cacheable and signature[node_id] in cache:
+            outputs[node_id] = cache[signature[node_id]]
+            continue
         kwargs, list_inputs = {}, set()
         for name, value in node["inputs"].items():
             if isinstance(value, list):
@@ -291,54 +303,96 @@ def run_prompt(prompt: dict, classes: dict, info: dict, builtins: FakeBuiltins) 
                 assert value.dtype == torch.float32 and value.ndim == 4 and value.shape[-1] == 3
                 assert value.device.type == "cpu" and 0.0 <= float(value.min()) and float(value.max()) <= 1.0
         outputs[node_id] = result.args
+        if cacheable:
+            cache[signature[node_id]] = result.args
     return outputs
+
+
+def _aligned_template(align_mod, landmarks: np.ndarray) -> np.ndarray:
+    """Landmarks of an FFHQ-aligned crop in units of its side (the same for every aligned face)."""
+    quad = np.asarray(align_mod.ffhq_quad(landmarks)[0], np.float64).reshape(4, 2)
+    axes = np.stack([quad[3] - quad[0], quad[1] - quad[0]], axis=1)  # crop x and y axes (TL, BL, BR, TR)
+    return np.linalg.solve(axes, (landmarks - quad[0]).T).T
 
 
 @pytest.fixture(scope="module")
 def world(comfy, tmp_path_factory):
-    """Synthetic photos in the input folder and a tiny model (+ a 'personal' copy) in models/diffusionrig."""
+    """What a user installs, in the synthetic face world: face-rig files in models/diffusionrig_assets,
+    tiny models in models/diffusionrig, photos (pixels only) in the input folder.
+
+    Two stand-ins, both for things no test can ship: DECA's weights are a ResNet-50 whose last layer
+    outputs the true parameters of one synthetic photo, and dlib's detector, which does not reliably
+    see synthetic faces, is replaced by the photos' true landmarks. Everything between them (FFHQ
+    alignment, DECA's crop and encoder, rendering, encoding, sampling, paste-back) is the real code.
+    """
     pack, classes, info = comfy
     core = importlib.import_module(f"{pack.__name__}.diffusionrig_core")
-    for sub in ("model", "checkpoint"):
-        importlib.import_module(f"{core.__name__}.{sub}")
-    synthetic = importlib.import_module(f"{core.__name__}.synthetic")
+    mods = {m: importlib.import_module(f"{core.__name__}.{m}")
+            for m in ("model", "checkpoint", "deca", "detect", "align", "synthetic.people", "synthetic.photos")}
     import folder_paths
-
-    input_dir = Path(folder_paths.get_input_directory())
-    if not hasattr(synthetic, "write_album") or not hasattr(synthetic, "sample_people"):
-        pytest.skip("the synthetic face world (synthetic.sample_people / write_album) is not available yet")
-    people = synthetic.sample_people(2, seed=0)
-    photos = [Path(p) for p in synthetic.write_album(tmp_path_factory.mktemp("album"), people[0], n=3, size=64)]
-    others = [Path(p) for p in synthetic.write_album(tmp_path_factory.mktemp("other"), people[1], n=1, size=64)]
     from PIL import Image
 
-    # ComfyUI hands nodes pixels only: copy the photos without their sidecars
-    for name, src in (("portrait.png", photos[0]), ("reference.png", photos[1]), ("other.png", others[0])):
-        Image.open(src).convert("RGB").save(input_dir / name)
-    (input_dir / "diffusionrig_album").mkdir()
-    for k, src in enumerate(photos):
-        Image.open(src).convert("RGB").save(input_dir / "diffusionrig_album" / f"{k}.png")
-    models = Path(folder_paths.get_folder_paths("diffusionrig")[0])
-    models.mkdir(parents=True, exist_ok=True)
+    input_dir = Path(folder_paths.get_input_directory())
+    assets = Path(folder_paths.get_folder_paths("diffusionrig_assets")[-1])
+    photos_mod = mods["synthetic.photos"]
+    rig = photos_mod.synthetic_rig(assets, resolution="tiny")
+    people = mods["synthetic.people"].sample_people(2, seed=0)
+    tmp = tmp_path_factory.mktemp("photos")
+    album = photos_mod.write_album(tmp / "a", people[0], n=3, size=128, rig=rig)
+    other = photos_mod.write_album(tmp / "b", people[1], n=1, size=128, rig=rig)
+
+    # ComfyUI hands nodes pixels only: the input folder gets the photos without their sidecars
+    known: dict[bytes, np.ndarray] = {}
+    copies = {"portrait.png": album[0], "reference.png": album[1], "other.png": other[0]}
+    copies.update({f"diffusionrig_album/{k}.png": p for k, p in enumerate(album)})
+    for name, src in copies.items():
+        (input_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.asarray(Image.open(src).convert("RGB"))
+        Image.fromarray(pixels).save(input_dir / name)
+        known[pixels.tobytes()] = np.loadtxt(src.with_suffix(".txt"))[:, :2]
+    first = np.asarray(Image.open(album[0]).convert("RGB"))
+    template = _aligned_template(mods["align"], known[first.tobytes()])
+
+    def fake_detect(image, backend="dlib", upsample=1, device="cpu"):
+        image = np.ascontiguousarray(np.asarray(image)[..., :3])
+        if image.tobytes() in known:
+            return [known[image.tobytes()].copy()]
+        return [template * image.shape[0] - 0.5]  # an aligned crop: the faces sit where FFHQ puts them
+
+    truth, _, _ = photos_mod.load_sidecar(album[0])
+    deca = mods["deca"]
+    with torch.device("meta"):  # shapes only: every weight is set below
+        shapes = {k: v.shape for k, v in deca.DECAEncoder().state_dict().items()}
+    state = {k: torch.ones(v) if k.endswith("running_var") else torch.zeros(v, dtype=torch.long)
+             if k.endswith("num_batches_tracked") else torch.zeros(v) for k, v in shapes.items()}
+    state["layers.2.bias"] = torch.cat([truth[k].reshape(-1) for k, _ in deca.CODE_SPLIT])
+    torch.save({"E_flame": state}, assets / "deca_model.tar")
+
+    models = Path(folder_paths.get_folder_paths("diffusionrig")[-1])
     torch.manual_seed(0)
-    model = core.model.DiffusionRig(core.model.ModelConfig.tiny())
-    core.checkpoint.save_model(model, models / "tiny.safetensors")
-    model.mean_shape = torch.zeros(1, 100)
-    core.checkpoint.save_model(model, models / "tiny_personal.safetensors")
-    return FakeBuiltins(input_dir)
+    model = mods["model"].DiffusionRig(mods["model"].ModelConfig.tiny())
+    mods["checkpoint"].save_model(model, models / "tiny.safetensors")
+    model.mean_shape = truth["shape"].reshape(1, 100)
+    mods["checkpoint"].save_model(model, models / "tiny_personal.safetensors")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mods["detect"], "detect_landmarks", fake_detect)
+        yield FakeBuiltins(input_dir)
+
+
+@pytest.fixture(scope="module")
+def loader_cache():
+    return {}
 
 
 def _small(prompt: dict) -> dict:
-    """The workflow with test-sized settings: synthetic assets, the tiny models, 64 px, 2 steps."""
+    """The workflow with test-sized settings: the tiny models, 64 px crops, 2 steps."""
     prompt = json.loads(json.dumps(prompt))
     for node in prompt.values():
         inputs, kind = node["inputs"], node["class_type"]
-        if kind == "DiffusionRigFaceRigLoader":
-            inputs["assets"] = "synthetic demo"
-        elif kind == "DiffusionRigModelLoader":
+        if kind == "DiffusionRigModelLoader":
             inputs["model_name"] = "tiny_personal.safetensors" if "personal" in inputs["model_name"] else "tiny.safetensors"
         elif kind == "DiffusionRigDECAExtract":
-            inputs.update(size=64, align=False)
+            inputs["size"] = 64
         elif kind in ("DiffusionRigRigSample", "DiffusionRigStage2Finetune"):
             inputs["steps"] = 2
         if kind == "DiffusionRigStage2Finetune":
@@ -347,10 +401,10 @@ def _small(prompt: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_api_workflow_runs_on_the_synthetic_world_and_saves_images(comfy, world, name):
+def test_api_workflow_runs_on_the_synthetic_world_and_saves_images(comfy, world, loader_cache, name):
     _, classes, info = comfy
     world.saved.clear()
-    outputs = run_prompt(_small(_api(name)), classes, info, world)
+    outputs = run_prompt(_small(_api(name)), classes, info, world, loader_cache)
     save = next(k for k, n in _api(name).items() if n["class_type"] == "SaveImage")
     pasted = world.saved[save]
     portrait = world._read(world.input_dir / "portrait.png")
