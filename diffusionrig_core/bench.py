@@ -1,0 +1,271 @@
+"""``diffusionrig bench``: timings of the core engine (and, registered by other modules, of the rig,
+the edits, training and quality).
+
+Sections are plain functions in ``SECTIONS`` (name -> function(options) -> list of result rows);
+a row is a dict with at least ``section``, ``name``, ``value`` and ``unit`` and optionally
+``baseline`` (the official-equivalent figure measured in the same run), ``speedup`` and ``notes``.
+``run_sections`` runs the chosen ones and ``to_markdown`` prints the table.
+
+The "model" section measures, on one GPU and the default 256 model:
+* training throughput (images/s) at batch 32 and 4: P2 loss, Adam, gradient clipping at 1.0;
+  ours = bf16 autocast + fused attention + channels_last + torch.compile + fused Adam;
+  baseline = the official recipe (fp16 autocast + GradScaler, eager, legacy attention, Adam);
+* peak training memory at batch 32;
+* DDIM-20 sampling time for 1 and 16 images; ours = bf16 + fused attention + torch.compile with
+  CUDA graphs; baseline = float32 eager (official inference).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+Row = dict[str, Any]
+SECTIONS: dict[str, Callable[["BenchOptions"], list[Row]]] = {}
+
+
+def register(name: str) -> Callable:
+    """Decorator: add a benchmark section (``diffusionrig bench --<name>``)."""
+    def wrap(fn: Callable[["BenchOptions"], list[Row]]) -> Callable:
+        SECTIONS[name] = fn
+        return fn
+    return wrap
+
+
+@dataclass
+class BenchOptions:
+    device: str = "cuda"
+    train_batches: tuple[int, ...] = (32, 4)
+    sample_batches: tuple[int, ...] = (1, 16)
+    steps: str = "ddim20"
+    train_iters: int = 10
+    warmup: int = 3
+    sample_repeats: int = 5
+    baseline: bool = True
+    compile: bool = True
+    config: Any = None  # ModelConfig; default 256 model
+    image_size: int | None = None
+    log: Callable[[str], None] = print
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> tuple[float, float]:
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    return (torch.cuda.max_memory_allocated(device) / 2 ** 30, torch.cuda.max_memory_reserved(device) / 2 ** 30)
+
+
+def _build_model(opts: BenchOptions, device: torch.device):
+    from .model import DiffusionRig, ModelConfig
+
+    config = opts.config or ModelConfig()
+    torch.manual_seed(0)
+    model = DiffusionRig(config).to(device)
+    # Zero-initialised output convs would make every eps 0; give them small random weights.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and float(p.abs().max()) == 0.0:
+                p.normal_(0, 1e-3)
+    return model
+
+
+def _batch(config, batch: int, device: torch.device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    s = config.image_size
+    x0 = (torch.rand(batch, 3, s, s, generator=g) * 2 - 1).to(device)
+    buffers = torch.rand(batch, 9, s, s, generator=g).to(device)
+    noise = torch.randn(batch, 3, s, s, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    return x0, buffers, noise, t
+
+
+# ---------------------------------------------------------------------------------------------
+# training step: ours and the official recipe
+# ---------------------------------------------------------------------------------------------
+def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: float = 1e-4,
+                    clip: float = 1.0) -> Callable[..., float]:
+    """One optimisation step ``step(x0, buffers, t, noise)`` -> None (loss kept on device)."""
+    from .diffusion import Diffusion
+    from .fast import FastDenoiser, set_sdpa
+
+    diffusion = Diffusion.create()
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    if fast:
+        net = FastDenoiser(model, compile=compile_mode or False)
+        opt = torch.optim.Adam(params, lr=lr, fused=True)
+
+        def step(x0, buffers, t, noise):
+            loss = diffusion.training_losses(net, x0, buffers, t, noise).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+        return step
+
+    # Official: fp16 autocast around forward + loss, GradScaler, unscale, clip, step.
+    set_sdpa(model, False)
+    opt = torch.optim.Adam(params, lr=lr)
+    scaler = torch.amp.GradScaler("cuda")
+
+    def official_step(x0, buffers, t, noise):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = diffusion.training_losses(model, x0, buffers, t, noise).mean()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        scaler.step(opt)
+        scaler.update()
+        return loss
+    return official_step
+
+
+def bench_train(opts: BenchOptions, batch: int, fast: bool) -> Row:
+    device = torch.device(opts.device)
+    model = _build_model(opts, device)
+    compile_mode = opts.extra.get("train_compile", "default") if (fast and opts.compile) else None
+    if compile_mode == "default":
+        compile_mode = True
+    step = make_train_step(model, fast, compile_mode)
+    data = [_batch(model.config, batch, device, seed) for seed in range(2)]
+    _peak_reset(device)
+    t0 = time.perf_counter()
+    for i in range(opts.warmup):
+        x0, b, n, t = data[i % 2]
+        step(x0, b, t, n)
+    _sync(device)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(opts.train_iters):
+        x0, b, n, t = data[i % 2]
+        loss = step(x0, b, t, n)
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    alloc, reserved = _peak_gib(device)
+    del model, step, data
+    _peak_reset(device)
+    return {"batch": batch, "images_per_s": batch * opts.train_iters / elapsed,
+            "step_ms": 1000 * elapsed / opts.train_iters, "peak_alloc_gib": alloc, "peak_reserved_gib": reserved,
+            "warmup_s": warm, "loss": float(loss)}
+
+
+# ---------------------------------------------------------------------------------------------
+# DDIM sampling
+# ---------------------------------------------------------------------------------------------
+def bench_ddim(opts: BenchOptions, batches: tuple[int, ...], fast: bool) -> list[Row]:
+    from .fast import FastDenoiser, set_sdpa
+    from .sampling import ddim_sample
+
+    device = torch.device(opts.device)
+    model = _build_model(opts, device).eval()
+    if fast:
+        mode = opts.extra.get("sample_compile", "reduce-overhead") if opts.compile else False
+        net: Any = FastDenoiser(model, compile=mode)
+    else:
+        set_sdpa(model, False)
+        net = model
+    rows = []
+    for batch in batches:
+        x0, buffers, noise, _ = _batch(model.config, batch, device)
+        with torch.no_grad():
+            latent = net.encode(x0) if fast else model.encode(x0)
+            t0 = time.perf_counter()
+            for _ in range(2):  # compile + capture
+                ddim_sample(net, noise, buffers, latent, steps=opts.steps)
+            _sync(device)
+            warm = time.perf_counter() - t0
+            times = []
+            for _ in range(opts.sample_repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                x = ddim_sample(net, noise, buffers, latent, steps=opts.steps)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+        rows.append({"batch": batch, "seconds": statistics.median(times), "min_s": min(times), "warmup_s": warm,
+                     "finite": bool(torch.isfinite(x).all())})
+    del model, net
+    _peak_reset(device)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the "model" section
+# ---------------------------------------------------------------------------------------------
+# The official code's figures measured on an H100 (issue 2), for reference in the table.
+OFFICIAL_H100 = {"train_32": 61.9, "train_4": 25.8, "mem_32": 71.4, "ddim_1": 0.92, "ddim_16": 2.27}
+
+
+@register("model")
+def model_section(opts: BenchOptions) -> list[Row]:
+    device = torch.device(opts.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows: list[Row] = []
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    opts.log(f"# model benchmark on {name}, torch {torch.__version__}")
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        opts.log(json.dumps(row))
+
+    for batch in opts.train_batches:
+        base = bench_train(opts, batch, fast=False) if opts.baseline else None
+        ours = bench_train(opts, batch, fast=True)
+        add({"section": "model", "name": f"training images/s, batch {batch}", "value": ours["images_per_s"],
+             "unit": "img/s", "baseline": base and base["images_per_s"],
+             "speedup": base and ours["images_per_s"] / base["images_per_s"], "ours": ours, "official": base})
+        add({"section": "model", "name": f"peak training memory, batch {batch}", "value": ours["peak_alloc_gib"],
+             "unit": "GiB", "baseline": base and base["peak_alloc_gib"],
+             "notes": f"reserved {ours['peak_reserved_gib']:.1f} GiB (official {base and base['peak_reserved_gib']})"})
+    base_s = bench_ddim(opts, opts.sample_batches, fast=False) if opts.baseline else [None] * len(opts.sample_batches)
+    ours_s = bench_ddim(opts, opts.sample_batches, fast=True)
+    for b, o in zip(base_s, ours_s):
+        add({"section": "model", "name": f"DDIM {opts.steps}, {o['batch']} image(s)", "value": o["seconds"], "unit": "s",
+             "baseline": b and b["seconds"], "speedup": b and b["seconds"] / o["seconds"], "ours": o, "official": b})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# running and printing
+# ---------------------------------------------------------------------------------------------
+def run_sections(names: list[str], opts: BenchOptions) -> list[Row]:
+    rows: list[Row] = []
+    for name in names:
+        rows += SECTIONS[name](opts)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def to_markdown(rows: list[Row]) -> str:
+    lines = ["| section | benchmark | ours | official-equivalent | speedup | unit |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        lines.append(f"| {r['section']} | {r['name']} | {_fmt(r['value'])} | {_fmt(r.get('baseline'))} | {speed} | {r['unit']} |")
+    return "\n".join(lines)
