@@ -49,6 +49,12 @@ class DecaExtract(io.ComfyNode):
     def execute(cls, rig, image, size, align, face_index, on_no_face) -> io.NodeOutput:
         glue.check_image(image, "DECA Extract's image")
         core, errors = glue.core(), glue.errors()
+        if getattr(rig, "encoder", None) is None:
+            raise errors.AssetError(
+                "this face rig has no DECA weights (deca_model.tar), so DECA Extract cannot fit photos. Put "
+                "deca_model.tar (from DECA's README, https://github.com/yfeng95/DECA) in "
+                "ComfyUI/models/diffusionrig_assets and set the Face Rig Loader to 'diffusionrig_assets'. "
+                "The 'synthetic demo' rig has no DECA: it renders given parameters but cannot fit photos.")
         photos = glue.image_to_uint8_list(image)
         progress = glue.progress_callback(len(photos))
         # One photo per call so a photo without a face can be named, or skipped, on its own.

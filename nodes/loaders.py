@@ -66,8 +66,8 @@ def _installed_assets_dir() -> Path:
     target = candidates[0]
     raise glue.errors().AssetError(
         "DiffusionRig face-rig files are missing. Put them in ComfyUI/models/diffusionrig_assets "
-        f"({target}) and queue again, or choose assets = '{paths.SYNTHETIC_ASSETS}' to try the pack "
-        "without them.\n" + assets.format_asset_report(dir=target))
+        f"({target}) and queue again (or give their folder in extra_model_paths.yaml as diffusionrig_assets).\n"
+        + assets.format_asset_report(dir=target))
 
 
 class FaceRigLoader(io.ComfyNode):
@@ -82,8 +82,9 @@ class FaceRigLoader(io.ComfyNode):
                 io.Combo.Input("assets", options=paths.ASSET_CHOICES, default=paths.INSTALLED_ASSETS,
                                tooltip="'diffusionrig_assets': the FLAME/DECA files you downloaded, in "
                                        "ComfyUI/models/diffusionrig_assets (the error lists any missing file "
-                                       "and where to get it). 'synthetic demo': the procedural face world "
-                                       "shipped with the pack, for trying the nodes without downloads."),
+                                       "and where to get it). 'synthetic demo': the procedural face world of "
+                                       "the pack (FLAME-format files, no DECA weights): it renders parameters "
+                                       "but cannot fit photos."),
             ],
             outputs=[t.Rig.Output("rig", display_name="rig",
                                   tooltip="FLAME + DECA + renderer, used by DECA Extract, Buffer Render and "

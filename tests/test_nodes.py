@@ -185,7 +185,7 @@ def test_face_rig_loader_lists_missing_assets_with_where_to_get_them(comfy, monk
         _run(comfy, "DiffusionRigFaceRigLoader", assets="diffusionrig_assets")
     msg = str(err.value)
     assert "models/diffusionrig_assets" in msg and "generic_model.pkl" in msg and "flame.is.tue.mpg.de" in msg
-    assert "deca_model.tar" in msg and "synthetic demo" in msg
+    assert "deca_model.tar" in msg and "extra_model_paths.yaml" in msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +310,13 @@ def test_edit_params_yaw_turns_the_head_and_keeps_the_light(comfy):
 # ---------------------------------------------------------------------------------------------
 # DECA Extract and Stage 2 Finetune: checks made before any heavy work
 # ---------------------------------------------------------------------------------------------
+def test_deca_extract_says_a_rig_without_deca_weights_cannot_fit_photos(comfy):
+    rig = type("RenderOnlyRig", (), {"encoder": None})()
+    with pytest.raises(comfy.core.errors.AssetError, match="deca_model.tar.*models/diffusionrig_assets"):
+        _run(comfy, "DiffusionRigDECAExtract", rig=rig, image=torch.rand(1, 64, 64, 3), size=64, align=True,
+             face_index=0, on_no_face="error")
+
+
 def test_deca_extract_rejects_a_tensor_that_is_not_an_image_batch(comfy):
     with pytest.raises(comfy.core.errors.InputError, match="IMAGE batch"):
         _run(comfy, "DiffusionRigDECAExtract", rig=None, image=torch.zeros(3, 64, 64), size=64, align=True,
