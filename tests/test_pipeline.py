@@ -423,3 +423,36 @@ def test_a_photo_without_a_face_raises_no_face_error_naming_it(rig, tmp_path):
     Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(path)
     with pytest.raises(NoFaceError, match="wall"):
         P.fit(rig, [path], size=W.SIZE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real-photo path: detect -> FFHQ-align -> DECA fit -> paste back through the quad
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rig_with_deca():
+    """The synthetic rig plus a DECA encoder with random weights (the real weights are licensed):
+    enough to run every step of fitting a photo that has no sidecar."""
+    from diffusionrig_core.deca import DECAEncoder
+    from diffusionrig_core.rig import FaceRig
+
+    torch.manual_seed(0)
+    r = FaceRig.load(assets_dir=W.assets_dir(), device="cpu")
+    r.encoder = DECAEncoder().eval()
+    return r
+
+
+def test_a_photo_without_sidecar_is_detected_aligned_fitted_and_pasted_back(rig_with_deca, tmp_path, monkeypatch):
+    from diffusionrig_core import detect, synthetic
+
+    photo = synthetic.write_album(tmp_path, synthetic.sample_people(1, seed=3)[0], n=1, size=160, rig=W.rig())[0]
+    landmarks = synthetic.load_sidecar(photo).landmarks  # dlib does not see synthetic faces: give its answer
+    monkeypatch.setattr(detect, "detect_landmarks", lambda image, **kw: [landmarks])
+    p = P.fit(rig_with_deca, [photo], size=W.SIZE, use_sidecar=False)
+    assert p.alignment[0] is not None and p.aligned.shape == (1, 3, W.SIZE, W.SIZE)
+    assert set(p.params) == {"shape", "tex", "exp", "pose", "cam", "light"} and p.center.shape == (1, 3)
+    # the quad maps the aligned crop back onto the photo: pasting the unedited crop over the whole
+    # crop area changes the photo only by resampling blur
+    whole = np.ones((1, W.SIZE, W.SIZE), np.float32)
+    back = P.paste_back(p, P._to_uint8(p.aligned), masks=whole, grow=0.0, feather=0.02)[0]
+    diff = np.abs(back.astype(int) - p.original[0].astype(int))
+    assert diff.mean() < 3.0 and np.median(diff[diff > 0]) < 12
