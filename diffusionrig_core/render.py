@@ -163,16 +163,27 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int,
     xs, x_range = _pixel_centres(w, h, device)  # NDC of x index j (j counts from the left in p3d = right in image)
     ys, y_range = _pixel_centres(h, w, device)
 
+    x0, y0, z0 = fv[:, 0, 0], fv[:, 0, 1], fv[:, 0, 2]
+    x1, y1, z1 = fv[:, 1, 0], fv[:, 1, 1], fv[:, 1, 2]
+    x2, y2, z2 = fv[:, 2, 0], fv[:, 2, 1], fv[:, 2, 2]
     xmin, xmax = fv[:, :, 0].amin(1), fv[:, :, 0].amax(1)
     ymin, ymax = fv[:, :, 1].amin(1), fv[:, :, 1].amax(1)
     zmin = fv[:, :, 2].amin(1)
-    area = _edge(fv[:, 0, 0], fv[:, 0, 1], fv[:, 1, 0], fv[:, 1, 1], fv[:, 2, 0], fv[:, 2, 1])
+    area = _edge(x0, y0, x1, y1, x2, y2)
     usable = (area.abs() > _EPS) & (zmin >= _EPS) & torch.isfinite(fv).all(2).all(1)
+    # Per-face terms of pytorch3d's edge functions; the same float32 operations as per pixel,
+    # computed once per face (bit-identical results, less work per candidate pixel).
+    face_data = torch.stack([
+        x1, y1, y2 - y1, x2 - x1,          # edge(p, v1, v2) -> w0
+        x2, y2, y0 - y2, x0 - x2,          # edge(p, v2, v0) -> w1
+        x0, y0, y1 - y0, x1 - x0,          # edge(p, v0, v1) -> w2
+        _edge(x2, y2, x0, y0, x1, y1) + _EPS,
+        z0, z1, z2, xmin, xmax, ymin, ymax], 0)  # (20, faces): gathered rows stay contiguous
 
-    # candidate pixel index ranges (a margin; the exact test below uses the real centres)
+    # candidate pixels: centres inside the face's bounding box (a hair wider; the exact test follows)
     def index_range(lo, hi, n, rng):
-        a = torch.floor((lo + rng / 2) * n / rng - 0.5 - 0.01).clamp(0, n - 1)
-        z = torch.ceil((hi + rng / 2) * n / rng - 0.5 + 0.01).clamp(-1, n - 1)
+        a = torch.ceil((lo + rng / 2) * n / rng - 0.5 - 1e-3).clamp(0, n)
+        z = torch.floor((hi + rng / 2) * n / rng - 0.5 + 1e-3).clamp(-1, n - 1)
         return a.long(), z.long()
 
     x0i, x1i = index_range(xmin, xmax, w, x_range)
@@ -198,23 +209,26 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int,
             if e <= s:
                 continue
             fids = face_ids_all[s:e]
-            cnt = counts[fids]
+            cnt = counts.index_select(0, fids)
             pair_face = torch.repeat_interleave(fids, cnt)
             first = torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
             k = torch.arange(pair_face.numel(), device=device) - first
-            nxf = nx[pair_face]
-            ix = x0i[pair_face] + k % nxf
-            iy = y0i[pair_face] + torch.div(k, nxf, rounding_mode="floor")
-            px, py = xs[ix], ys[iy]
-            f = fv[pair_face]
-            inside_box = ((px >= xmin[pair_face]) & (px <= xmax[pair_face]) &
-                          (py >= ymin[pair_face]) & (py <= ymax[pair_face]))
-            w0, w1, w2 = _barycentrics(px, py, f)
-            pz = w0 * f[:, 0, 2] + w1 * f[:, 1, 2] + w2 * f[:, 2, 2]
-            ok = inside_box & (w0 > 0) & (w1 > 0) & (w2 > 0) & (pz >= 0)
-            if not bool(ok.any()):
+            nxf = nx.index_select(0, pair_face)
+            row_in_box = torch.div(k, nxf, rounding_mode="floor")
+            ix = x0i.index_select(0, pair_face) + (k - row_in_box * nxf)
+            iy = y0i.index_select(0, pair_face) + row_in_box
+            px, py = xs.index_select(0, ix), ys.index_select(0, iy)
+            g = face_data.index_select(1, pair_face).unbind(0)
+            w0 = ((px - g[0]) * g[2] - (py - g[1]) * g[3]) / g[12]
+            w1 = ((px - g[4]) * g[6] - (py - g[5]) * g[7]) / g[12]
+            w2 = ((px - g[8]) * g[10] - (py - g[9]) * g[11]) / g[12]
+            pz = w0 * g[13] + w1 * g[14] + w2 * g[15]
+            ok = ((w0 > 0) & (w1 > 0) & (w2 > 0) & (pz >= 0) &
+                  (px >= g[16]) & (px <= g[17]) & (py >= g[18]) & (py <= g[19]))
+            sel = torch.nonzero(ok).squeeze(1)
+            if sel.numel() == 0:
                 continue
-            pair_face, ix, iy, pz = pair_face[ok], ix[ok], iy[ok], pz[ok]
+            pair_face, ix, iy, pz = (t.index_select(0, sel) for t in (pair_face, ix, iy, pz))
             batch = torch.div(pair_face, n_f, rounding_mode="floor")
             # pytorch3d's pixel (yidx, xidx) counts from the bottom/right: flip to image rows/cols
             pix = batch * (h * w) + (h - 1 - iy) * w + (w - 1 - ix)
