@@ -410,54 +410,69 @@ class _LossTap:
 # ---------------------------------------------------------------------------------------------
 # Loss curve (Pillow only)
 # ---------------------------------------------------------------------------------------------
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Round values (1, 2, 5 x 10^k) between 10^lo and 10^hi, at most ~8 of them."""
+    for mantissas in ((1, 2, 5), (1,)):
+        ticks = [m * 10.0 ** e for e in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in mantissas
+                 if lo <= math.log10(m * 10.0 ** e) <= hi]
+        if len(ticks) <= 8:
+            break
+    if len(ticks) < 2:
+        ticks = sorted(set(ticks) | {10.0 ** lo, 10.0 ** hi})
+    return ticks
+
+
 def save_loss_curve(losses: list[float], path: PathLike, title: str = "training loss", start_step: int = 1) -> Path:
-    """Raw losses (light dots) and their running mean (line) on a log axis, drawn with Pillow."""
+    """Per-step losses (light dots) and their running mean (red line) on a log axis, drawn with Pillow."""
     from PIL import Image, ImageDraw
 
-    W, H, L, R, T, B = 900, 420, 70, 20, 40, 45
+    W, H, L, R, T, B = 900, 440, 80, 25, 40, 55
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     d.text((L, 12), title, fill="black")
-    vals = np.asarray([v for v in losses if math.isfinite(v) and v > 0], dtype=np.float64)
     path = Path(path)
+    vals = np.asarray([v for v in losses if math.isfinite(v) and v > 0], dtype=np.float64)
+    n = len(losses)
     if len(vals) == 0:
         d.text((L, H // 2), "no finite loss values", fill="black")
-        img.save(path)
-        return path
-    lo, hi = np.log10(vals.min()), np.log10(vals.max())
-    if hi - lo < 1e-6:
-        lo, hi = lo - 0.5, hi + 0.5
-    n = len(losses)
+    else:
+        lo, hi = float(np.log10(vals.min())), float(np.log10(vals.max()))
+        pad = max(0.05 * (hi - lo), 0.02)
+        lo, hi = lo - pad, hi + pad
 
-    def xy(i: int, v: float) -> tuple[float, float]:
-        x = L + (W - L - R) * (i / max(n - 1, 1))
-        y = T + (H - T - B) * (1 - (math.log10(v) - lo) / (hi - lo))
-        return x, y
+        def xy(i: float, v: float) -> tuple[float, float]:
+            x = L + (W - L - R) * (i / max(n - 1, 1))
+            y = T + (H - T - B) * (1 - (math.log10(v) - lo) / (hi - lo))
+            return x, y
 
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for e in range(math.floor(lo), math.ceil(hi) + 1):  # decade grid lines
-        if lo <= e <= hi:
-            _, y = xy(0, 10.0 ** e)
-            d.line([L, y, W - R, y], fill=(220, 220, 220))
-            d.text((5, y - 6), f"1e{e}", fill="black")
-    for i, v in enumerate(losses):
-        if math.isfinite(v) and v > 0:
-            x, y = xy(i, v)
-            d.point((x, y), fill=(150, 180, 230))
-    window = max(1, n // 50)
-    smooth, acc, run = [], 0.0, []
-    for i, v in enumerate(losses):
-        run.append(v if math.isfinite(v) else float("nan"))
-        if len(run) > window:
-            run.pop(0)
-        m = float(np.nanmean(run)) if not all(math.isnan(r) for r in run) else float("nan")
-        if math.isfinite(m) and m > 0:
-            smooth.append(xy(i, m))
-    if len(smooth) > 1:
-        d.line(smooth, fill=(200, 40, 40), width=2)
-    d.text((L, H - B + 8), f"step {start_step}", fill="black")
-    d.text((W - R - 90, H - B + 8), f"step {start_step + n - 1}", fill="black")
-    d.text((W // 2 - 60, H - 20), f"last mean {np.nanmean(losses[-window:]):.4g}", fill="black")
+        for v in _log_ticks(lo, hi):
+            _, y = xy(0, v)
+            d.line([L, y, W - R, y], fill=(225, 225, 225))
+            d.text((8, y - 6), f"{v:.3g}", fill="black")
+        for k in range(5):
+            i = round(k * (n - 1) / 4) if n > 1 else 0
+            x, _ = xy(i, 10.0 ** lo)
+            d.line([x, H - B, x, H - B + 4], fill="black")
+            d.text((x - 12, H - B + 8), str(start_step + i), fill="black")
+        d.rectangle([L, T, W - R, H - B], outline="black")
+        for i, v in enumerate(losses):
+            if math.isfinite(v) and v > 0:
+                x, y = xy(i, v)
+                d.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=(150, 180, 230))
+        window = max(1, n // 50)
+        clean = np.asarray([v if math.isfinite(v) else np.nan for v in losses], dtype=np.float64)
+        line = []
+        for i in range(n):
+            chunk = clean[max(0, i - window + 1) : i + 1]
+            if np.isfinite(chunk).any():
+                m = float(np.nanmean(chunk))
+                if m > 0:
+                    line.append(xy(i, m))
+        if len(line) > 1:
+            d.line(line, fill=(200, 40, 40), width=2)
+        d.text((L + (W - L - R) // 2 - 20, H - 22), "step", fill="black")
+        d.text((W - R - 260, 12), f"running mean of {window} (red); last: {np.nanmean(clean[-window:]):.4g}",
+               fill=(200, 40, 40))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
