@@ -149,3 +149,11 @@ def test_mismatched_template_and_model_are_refused(folder, tmp_path):
     obj.write_text("v 0 0 0\n" * 500 + "vt 0 0\nf 1/1 2/1 500/1\n")
     with pytest.raises(AssetError, match="do not belong together"):
         FaceRig.load(assets_dir=folder, template=obj)
+
+
+def test_bench_rig_reports_photos_per_second(rig):
+    from diffusionrig_core.rig import bench_rig
+
+    out = bench_rig("cpu", n=2, size=32, batch_size=2, rig=rig)
+    assert out["photos"] == 2 and out["photos_per_s"] > 0
+    assert {"load_resize_crop_s", "encode_s", "flame_render_s"} <= set(out)
