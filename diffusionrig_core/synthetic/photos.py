@@ -540,11 +540,20 @@ def load_sidecar(path: str | Path) -> Sidecar:
     return Sidecar(params, tform, (np.asarray(lm, np.float64) if lm is not None else None), d)
 
 
+_DEFAULT_RIG: dict[str, Any] = {}
+
+
 def default_rig() -> Any:
-    """The rig of the demo world's assets (written once into the user cache by the pipeline)."""
+    """The rig of the demo world's assets (written once into the user cache by the pipeline);
+    loaded once per process."""
     from ..pipeline import demo_assets_dir
 
-    return synthetic_rig(demo_assets_dir())
+    root = Path(demo_assets_dir())
+    key = f"{root}:{(root / A.FILE_NAMES['flame']).stat().st_mtime_ns}"
+    if key not in _DEFAULT_RIG:
+        _DEFAULT_RIG.clear()
+        _DEFAULT_RIG[key] = synthetic_rig(root)
+    return _DEFAULT_RIG[key]
 
 
 def write_album(out_dir: str | Path, person: Person, n: int, seed: int = 0, size: int = 256,
