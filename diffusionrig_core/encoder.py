@@ -56,25 +56,30 @@ _LAYOUTS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3,
 
 
 class ResNet(nn.Module):
-    """torchvision-compatible ResNet. ``num_outputs=None`` drops ``fc`` and returns pooled features."""
+    """torchvision-compatible ResNet. ``num_outputs=None`` drops ``fc`` and returns pooled features.
 
-    def __init__(self, arch: str = "resnet18", num_outputs: int | None = 1000):
+    ``width`` is the stem width (64 in torchvision and the official models); every stage scales
+    with it. Narrower encoders exist only for the small synthetic demo model, whose files must
+    stay a few megabytes; the parameter names do not change.
+    """
+
+    def __init__(self, arch: str = "resnet18", num_outputs: int | None = 1000, width: int = 64):
         super().__init__()
         if arch not in _LAYOUTS:
             raise ValueError(f"unknown encoder type {arch!r}; expected one of {sorted(_LAYOUTS)}")
         block, layers = _LAYOUTS[arch]
         self.arch = arch
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = 512 * block.expansion
+        self.feature_dim = 8 * width * block.expansion
         self.fc = nn.Linear(self.feature_dim, num_outputs) if num_outputs is not None else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
