@@ -78,6 +78,17 @@ def check_params(params: Mapping[str, torch.Tensor], needed: Sequence[str] = tup
     return int(batch or 0)
 
 
+def _texture_arrays(space: Mapping[str, Any], n_tex: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (H,W,3), basis (H,W,3,50)) in 0..1 from ``load_texture_space``'s dict or a raw npz dict
+    (FLAME's ``mean``/``tex_dir`` in 0..255)."""
+    if "basis" in space:
+        return np.asarray(space["mean"], dtype=np.float32), np.asarray(space["basis"], dtype=np.float32)[..., :n_tex]
+    if "tex_dir" in space:
+        return (np.asarray(space["mean"], dtype=np.float32) / np.float32(255),
+                np.asarray(space["tex_dir"], dtype=np.float32)[..., :n_tex] / np.float32(255))
+    raise InputError(f"texture space needs 'mean' and 'basis' (or FLAME's 'tex_dir'); got {sorted(space)}")
+
+
 def _sidecar_landmarks(path: Path) -> np.ndarray | None:
     """Official TestData: ``<stem>.mat`` (pt3d_68) or ``<stem>.txt`` next to the photo, taken as-is."""
     mat = path.with_suffix(".mat")
@@ -144,8 +155,8 @@ class FaceRig:
         embedding, the texture space (``mean`` (H,W,3), ``basis`` (H,W,3,K) in 0..1, file channel
         order) and the template's (faces, uvcoords, uvfaces)."""
         faces, uv, uvf = template
-        return cls(FLAME(flame_dict, landmark_embedding),
-                   FlameTexture(texture_space["mean"], texture_space["basis"]), faces, uv, uvf,
+        mean, basis = _texture_arrays(texture_space)
+        return cls(FLAME(flame_dict, landmark_embedding), FlameTexture(mean, basis), faces, uv, uvf,
                    deca_encoder, device, deca_source)
 
     def to(self, device: str | torch.device) -> "FaceRig":

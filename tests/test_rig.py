@@ -157,3 +157,16 @@ def test_bench_rig_reports_photos_per_second(rig):
     out = bench_rig("cpu", n=2, size=32, batch_size=2, rig=rig, detect=False)
     assert out["photos"] == 2 and out["photos_per_s"] > 0
     assert {"load_resize_crop_s", "encode_s", "flame_render_s"} <= set(out)
+
+
+def test_from_arrays_accepts_raw_texture_files(folder):
+    from diffusionrig_core import assets as A
+
+    flame = A.load_flame_model(folder / "generic_model.pkl", cache=False)
+    emb = A.load_landmark_embedding(folder / "landmark_embedding.npy")
+    template = A.load_obj(folder / "head_template.obj")
+    raw = dict(np.load(folder / "FLAME_texture.npz"))
+    a = FaceRig.from_arrays(flame, emb, raw, template)
+    b = FaceRig.from_arrays(flame, emb, A.load_texture_space(folder / "FLAME_texture.npz"), template)
+    code = torch.randn(1, 50)
+    assert torch.allclose(a.albedo_map(code), b.albedo_map(code), atol=1e-6)
