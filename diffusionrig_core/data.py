@@ -165,7 +165,7 @@ class DatasetWriter:
 
     def add(self, name: str, image: np.ndarray | torch.Tensor, buffers: torch.Tensor,
             extras: dict[str, torch.Tensor] | None = None) -> None:
-        image = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+        image = image if isinstance(image, torch.Tensor) else torch.tensor(np.asarray(image))
         if image.dtype != torch.uint8 or tuple(image.shape) != (self.size, self.size, 3):
             raise InputError(f"{name}: dataset images must be uint8 ({self.size},{self.size},3), "
                              f"got {image.dtype} {tuple(image.shape)}")
@@ -341,12 +341,13 @@ def list_photos(photos: PathLike | Sequence[PathLike]) -> tuple[list[Path], list
             return [root], []
         if not root.is_dir():
             raise InputError(f"{root} is neither a folder of photos nor an image file")
-        files, ignored = [], []
-        for p in sorted(root.iterdir(), key=lambda p: p.name):
-            if p.name.startswith(".") or not p.is_file():
-                continue
-            (files if p.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(p)
-        return files, [p.name for p in ignored]
+        entries = [p for p in sorted(root.iterdir(), key=lambda p: p.name) if p.is_file() and not p.name.startswith(".")]
+        files = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS]
+        # landmark files and synthetic sidecars belong to a photo: not worth a mention
+        stems = {p.stem for p in files}
+        ignored = [p.name for p in entries if p.suffix.lower() not in IMAGE_EXTENSIONS
+                   and not any(p.name[:i] in stems for i, ch in enumerate(p.name) if ch == ".")]
+        return files, ignored
     return [Path(p) for p in photos], []
 
 
@@ -363,6 +364,7 @@ def build_dataset(
     buffer_dtype: str = "float32",
     shard_size: int = SHARD_SIZE,
     detector: str = "dlib",
+    fit: str = "auto",
 ) -> DatasetReport:
     """Detect, (optionally) FFHQ-align, fit DECA, render the buffers and store a dataset.
 
@@ -375,6 +377,11 @@ def build_dataset(
     no face, too small to align) are skipped and reported by name with the reason; the report is
     also written to ``OUT/report.json``. Album-sized: fitted parameters are kept in memory until
     rendering (a few kB per photo) and images are rendered batch by batch.
+
+    ``fit``: "deca" fits every photo; "sidecar" reads the true parameters of synthetic photos from
+    their ``NAME.params.json`` (written by ``diffusionrig_core.synthetic``; the photo is taken as
+    framed, ``align`` is not applied); "auto" (default) = "sidecar" when the rig has no DECA weights
+    (the demo world's rig), else "deca".
     """
     from tqdm.auto import tqdm
 
@@ -394,7 +401,16 @@ def build_dataset(
                 "buffer_dtype": buffer_dtype, "detector": detector,
                 "source": str(photos) if isinstance(photos, (str, os.PathLike)) else "list"}
 
-    def prepare(path: Path) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    # Synthetic photos carry their true parameters; with a rig that cannot fit (no DECA weights,
+    # e.g. the demo world's) those are used instead of a fit ("oracle fit").
+    if fit not in ("auto", "deca", "sidecar"):
+        raise InputError(f"fit must be 'auto', 'deca' or 'sidecar', got {fit!r}")
+    oracle = fit == "sidecar" or (fit == "auto" and getattr(rig, "encoder", True) is None)
+    settings["fit"] = "sidecar" if oracle else "deca"
+
+    def prepare(path: Path) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor] | None]:
+        if oracle:
+            return _sidecar_item(path, size, load_image)
         source: Any = path
         if align:
             from .align import ffhq_align
@@ -405,11 +421,11 @@ def build_dataset(
         else:
             _load(path, load_image)  # a clear "unreadable" before any landmark work
         resized, crop, tform, _ = rig.prepare(source, size=size, detector=detector)
-        return np.asarray(resized), crop, tform
+        return np.asarray(resized), crop, tform, None
 
     # Pass 1: prepare each photo (failures are per photo), encode the crops in batches.
     items: list[tuple[str, np.ndarray, torch.Tensor]] = []   # name, resized uint8, tform
-    params_parts: list[dict[str, torch.Tensor]] = []
+    params_parts: list[dict[str, torch.Tensor]] = []          # in item order
     crops: list[torch.Tensor] = []
 
     def encode_pending() -> None:
@@ -421,16 +437,19 @@ def build_dataset(
     bar = tqdm(total=len(files), desc="fitting", unit="photo", disable=not progress)
     for path in files:
         try:
-            resized, crop, tform = prepare(path)
+            resized, crop, tform, true_params = prepare(path)
         except NoFaceError as exc:
             report.failed.append((path.name, f"no face found: {exc}"))
         except DiffusionRigError as exc:
             report.failed.append((path.name, str(exc)))
         else:
-            items.append((path.name, resized, torch.as_tensor(tform).float().cpu()))
-            crops.append(crop)
-            if len(crops) == batch_size:
-                encode_pending()
+            items.append((path.name, resized, torch.as_tensor(tform).float().cpu().reshape(3, 3)))
+            if true_params is not None:
+                params_parts.append(true_params)
+            else:
+                crops.append(crop)
+                if len(crops) == batch_size:
+                    encode_pending()
         bar.update(1)
     encode_pending()
     bar.close()
@@ -471,6 +490,22 @@ def build_dataset(
     report.seconds = time.perf_counter() - t0
     report.write()
     return report
+
+
+def _sidecar_item(path: Path, size: int, load_image) -> tuple[np.ndarray, None, torch.Tensor, dict[str, torch.Tensor]]:
+    from .synthetic import load_sidecar
+
+    image = _load(path, load_image)
+    try:
+        side = load_sidecar(path)
+    except InputError as exc:
+        raise InputError(f"no true parameters to use ({exc}), and the face rig has no DECA weights to fit "
+                         "the photo; install deca_model.tar (see `diffusionrig assets`)") from exc
+    if image.shape[:2] != (size, size):
+        raise InputError(f"the synthetic photo is {image.shape[1]}x{image.shape[0]} but the dataset is {size} px; "
+                         f"build it with size {image.shape[0]}")
+    params = {k: v.detach().float().cpu() for k, v in side.params.items()}
+    return np.ascontiguousarray(image[:, :, :3]), None, side.tform[0].float(), params
 
 
 def _load(path: Path, load_image) -> np.ndarray:

@@ -249,3 +249,22 @@ def test_lmdb_import_without_the_package_says_how_to_get_it(tmp_path, monkeypatc
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(InputError, match="pip install lmdb"):
         import_official_lmdb(tmp_path, tmp_path / "out")
+
+
+def test_synthetic_album_uses_the_true_parameters_when_the_rig_cannot_fit(tmp_path):
+    """The demo world's rig has no DECA weights: its photos' sidecars stand in for the fit."""
+    from diffusionrig_core import synthetic
+
+    rig = synthetic.synthetic_rig(tmp_path / "assets")
+    person = synthetic.sample_people(1, seed=0)[0]
+    paths = synthetic.write_album(tmp_path / "album", person, n=3, size=32, rig=rig)
+    report = build_dataset(tmp_path / "album", tmp_path / "ds", rig, size=32, use_mean_shape=True, progress=False)
+    assert report.count == 3 and not report.failed and not report.ignored  # .txt/.params.json are companions
+    ds = RigDataset(tmp_path / "ds")
+    assert ds.settings["fit"] == "sidecar"
+    truth = [synthetic.load_sidecar(p) for p in paths]
+    expected_mean = torch.cat([t.params["shape"] for t in truth]).mean(0, keepdim=True)
+    assert torch.allclose(ds.mean_shape, expected_mean, atol=1e-7)
+    params = dict(truth[2].params, shape=ds.mean_shape)
+    assert torch.allclose(ds[2][1], rig.render(params, truth[2].tform, 32)[0], atol=1e-5)
+    assert torch.equal(ds.raw(2), torch.from_numpy(np.array(Image.open(paths[2]).convert("RGB"))))
