@@ -420,7 +420,8 @@ def _landmarks_to_aligned(lms: np.ndarray, quad: np.ndarray, size: int) -> np.nd
 
 
 def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool = True,
-        progress: Progress | None = None, use_sidecar: bool = True) -> Portrait:
+        progress: Progress | None = None, use_sidecar: bool = True,
+        landmarks: Sequence[np.ndarray | None] | None = None) -> Portrait:
     """Fit photos for editing: detect 68 landmarks, FFHQ-align to ``size``, fit DECA on the aligned crop.
 
     ``images`` are paths, uint8 arrays or PIL images. A photo with a ``NAME.params.json`` sidecar (the
@@ -429,6 +430,7 @@ def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool 
     inference does; DECA's landmarks are detected on it, or read from ``NAME.txt`` beside it).
     ``face_index`` picks among several faces (0 = the largest). ``progress(done, total)`` is called
     after each photo is aligned. ``use_sidecar=False`` ignores sidecars (fit synthetic photos with DECA).
+    ``landmarks[i]`` (68,2) in photo i's own pixels replaces its face detection (None: detect).
     """
     from .image_io import load_image
 
@@ -440,6 +442,8 @@ def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool 
     size = int(size)
     if not 16 <= size <= 2048:
         raise InputError(f"size must be between 16 and 2048 pixels, got {size}")
+    if landmarks is not None and len(landmarks) != len(images):
+        raise InputError(f"{len(landmarks)} landmark sets for {len(images)} photos; give one (or None) per photo")
     device = _rig_device(rig)
     originals, names, alignments = [], [], []
     crops: list[torch.Tensor | None] = []
@@ -455,9 +459,10 @@ def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool 
             fits.append(fitted)
             alignments.append(None)
         else:
-            crop, alignment, landmarks = _align(image, name, size, face_index, align)
+            given = None if landmarks is None else landmarks[k]
+            crop, alignment, lms = _align(image, name, size, face_index, align, given)
             # unaligned paths go to the rig as paths so official NAME.txt / NAME.mat landmarks are used
-            to_fit.append((k, item if alignment is None and isinstance(item, (str, Path)) else crop, landmarks))
+            to_fit.append((k, item if alignment is None and isinstance(item, (str, Path)) else crop, lms))
             crops.append(None)
             fits.append(None)
             alignments.append(alignment)
@@ -465,9 +470,9 @@ def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool 
         names.append(name)
         if progress is not None:
             progress(k + 1, len(images))
-    for k, crop, landmarks in to_fit:  # DECA one photo at a time: a NoFaceError names its photo
+    for k, crop, lms in to_fit:  # DECA one photo at a time: a NoFaceError names its photo
         try:
-            fitted = rig.fit(crop, landmarks=landmarks, size=size, face_index=face_index if landmarks is None else 0)
+            fitted = rig.fit(crop, landmarks=lms, size=size, face_index=face_index if lms is None else 0)
         except NoFaceError:
             raise NoFaceError(
                 f"no face found in {names[k]!r}; use a photo where one face is clearly visible, roughly "
@@ -493,19 +498,28 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def _align(image: np.ndarray, name: str, size: int, face_index: int, align: bool):
+def _align(image: np.ndarray, name: str, size: int, face_index: int, align: bool,
+           landmarks: np.ndarray | None = None):
     """(aligned uint8 S x S, AlignResult or None, landmarks in aligned pixels or None)."""
     from .detect import detect_landmarks, pick_face
 
+    if landmarks is not None:
+        landmarks = np.asarray(landmarks, dtype=np.float64)
+        if landmarks.shape != (68, 2):
+            raise InputError(f"landmarks of {name!r} must be a (68, 2) array of (x, y); got {landmarks.shape}")
     if not align:
-        return image, None, None  # rig.fit squashes it to S x S like the official TestData
-    try:
-        landmarks = pick_face(detect_landmarks(image), face_index)
-    except NoFaceError:
-        raise NoFaceError(
-            f"no face found in {name!r}; use a photo where one face is clearly visible, roughly frontal and "
-            "at least about 80 pixels wide (or pass align=False / --no-align for an already aligned crop)"
-        ) from None
+        if landmarks is None:
+            return image, None, None  # rig.fit squashes it to S x S like the official TestData
+        scale = np.array([size / image.shape[1], size / image.shape[0]])
+        return image, None, (landmarks + 0.5) * scale - 0.5  # TestData's resize, on pixel centres
+    if landmarks is None:
+        try:
+            landmarks = pick_face(detect_landmarks(image), face_index)
+        except NoFaceError:
+            raise NoFaceError(
+                f"no face found in {name!r}; use a photo where one face is clearly visible, roughly frontal "
+                "and at least about 80 pixels wide (or pass align=False / --no-align for an aligned crop)"
+            ) from None
     from .align import ffhq_align
 
     result = ffhq_align(image, landmarks, size, return_quad=True)
@@ -1114,84 +1128,162 @@ def contact_sheet(portrait: Portrait, results: Sequence[EditResult], rig=None, c
 # Personalisation (Stage 2) from a list of photos
 # ---------------------------------------------------------------------------------------------
 def finetune(base_model_or_path, images, rig, steps: int = 5000, out_path: PathLike | None = None,
-             callback: Progress | None = None, **kwargs: Any):
-    """Stage 2: fine-tune the UNet of a generic model on one person's photos (~20). Returns the model."""
+             callback: Callable[..., None] | None = None, device: torch.device | str | None = None,
+             align: bool = True, work_dir: PathLike | None = None, **train_options: Any):
+    """Stage 2 from a list of photos (~20 of one person): fit them, render the buffers with the album's
+    mean shape (``create_data.py --use_meanshape True``), fine-tune the UNet of the base model and
+    return the personal model (its ``mean_shape`` set, saved at ``out_path`` when given).
+
+    ``images``: paths, uint8 arrays or PIL images; synthetic photos with sidecars use their true
+    parameters. Photos without a usable face are skipped (all failing raises TrainingError with the
+    reasons). ``callback(step, total)`` after each update; it also gets ``loss=`` when it takes that
+    keyword, and may raise to cancel. ``train_options`` go to ``train.TrainConfig`` (lr, batch_size...).
+    """
     import tempfile
 
-    from . import data as data_mod
-    from . import train as train_mod
+    from .checkpoint import save_model
+    from .data import DatasetWriter
+    from .errors import DiffusionRigError, TrainingError
+    from .flame import mean_shape as album_mean_shape
+    from .train import TrainConfig, train
 
-    if not 1 <= int(steps) <= 1_000_000:
+    steps = int(steps)
+    if not 1 <= steps <= 1_000_000:
         raise InputError(f"steps must be between 1 and 1000000, got {steps}")
-    base = load_model(base_model_or_path, device=kwargs.pop("device", None)) \
-        if isinstance(base_model_or_path, (str, Path)) else base_model_or_path
-    check_model(base)
-    work = Path(tempfile.mkdtemp(prefix="diffusionrig_finetune_")) if out_path is None else Path(out_path).with_suffix("")
-    dataset = data_mod.build_dataset(images, rig=rig, size=base.config.image_size, mean_shape=True,
-                                     out=work / "dataset")
-    config = train_mod.TrainConfig(stage=2, max_steps=int(steps), **kwargs)
-    return train_mod.train(config, dataset, out=out_path or work / "model.safetensors", base=base,
-                           callback=callback)
+    images = [images] if isinstance(images, (str, Path, np.ndarray)) else list(images)
+    if not images:
+        raise InputError("finetune needs photos of the person (about 20 work best)")
+    work = Path(tempfile.mkdtemp(prefix="diffusionrig_stage2_") if work_dir is None else work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if isinstance(base_model_or_path, (str, Path)):
+        base_path = Path(base_model_or_path)
+        size = int(load_model(base_path, device="cpu").config.image_size)
+    else:
+        check_model(base_model_or_path)
+        size = int(base_model_or_path.config.image_size)
+        base_path = save_model(base_model_or_path, work / "base.safetensors")
+
+    # the album: fit each photo (a failing photo is skipped and reported, as create_data would)
+    fitted, failures = [], []
+    for k, item in enumerate(images):
+        try:
+            fitted.append(fit(rig, [item], size=size, align=align))
+        except DiffusionRigError as exc:
+            failures.append(f"{_name_of(item, k)}: {exc}")
+    if not fitted:
+        raise TrainingError("none of the photos could be fitted:\n" + "\n".join(failures))
+    album = Portrait.cat(fitted)
+    mean = album_mean_shape(album.params["shape"]).reshape(1, -1).float()
+    params = {**album.params, "shape": mean.expand(len(album), -1).to(album.params["shape"].device).clone()}
+    buffers = rig.render(params, album.tform, size).detach().float().cpu()  # no re-centring, as create_data
+    writer = DatasetWriter(work / "dataset", size, overwrite=True)
+    for i, name in enumerate(album.names):
+        writer.add(name, _to_uint8(album.aligned[i:i + 1])[0], buffers[i],
+                   {**{f"params.{k}": v[i].detach().cpu() for k, v in params.items()}, "tform": album.tform[i].cpu()})
+    writer.finish(mean_shape=mean, settings={"size": size, "use_mean_shape": True, "align": align,
+                                             "source": "pipeline.finetune", "skipped": failures})
+
+    wants_loss = callback is not None and _takes_keyword(callback, "loss")
+
+    def on_step(step: int, loss: float) -> None:
+        if callback is None:
+            return
+        if wants_loss:
+            callback(step, steps, loss=float(loss))
+        else:
+            callback(step, steps)
+
+    dev = None if device is None else str(device)
+    config = TrainConfig(stage=2, max_steps=steps, device=dev, **train_options)
+    path = train(config, work / "dataset", work / "run", base=base_path, progress=False, callback=on_step,
+                 model_path=out_path)
+    model = load_model(path, device=device)
+    if getattr(model, "mean_shape", None) is None:
+        model.mean_shape = mean
+    return model
+
+
+def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 # ---------------------------------------------------------------------------------------------
 # Benchmark (run by the coordinator on the GPU)
 # ---------------------------------------------------------------------------------------------
 def bench_edit(device: torch.device | str, size: int, n_edits: int, steps: str = "ddim20",
-               repeats: int = 2) -> dict[str, float]:
-    """Seconds from a photo file to an edited, pasted-back photo, with a random-weight model of the
-    official architecture at ``size`` (256 or 512) and the synthetic world's assets and photo.
+               repeats: int = 3, photo_size: int = 1024, batch_size: int = 16, invert: bool = False,
+               fast: bool | None = None) -> dict[str, float]:
+    """Seconds from a photo file to an edited, pasted-back photo (the coordinator runs this on the GPU).
 
-    Returns the median of ``repeats`` runs (after one warm-up) of: load+fit, edit (sampling), paste,
-    total; ``n_edits`` > 1 is a yaw sweep sharing one noise.
+    What runs is the real path with stand-in weights: a ``photo_size`` synthetic photo file is read,
+    dlib looks for faces in it (timed; dlib does not see synthetic faces, so the photo's true 68
+    landmarks are then used), the photo is FFHQ-aligned to ``size`` (official 4096 transform), DECA
+    with random weights fits it (same cost as the real weights), the buffers are rendered, the latent
+    encoded and DDIM run with a random-weight model of the official architecture at ``size``; each
+    result is pasted back into the full photo. ``n_edits`` > 1 is a yaw sweep sharing one noise.
+    Returns medians over ``repeats`` runs after one warm-up: detect_s, fit_s (read + align + DECA +
+    source render), edit_s (render + encode + sampling), paste_s, total_s, per_edit_s.
     """
     import tempfile
 
     from . import synthetic
+    from .deca import DECAEncoder
+    from .detect import detect_landmarks
+    from .image_io import load_image
     from .model import DiffusionRig, ModelConfig
 
     device = torch.device(device)
     tmp = Path(tempfile.mkdtemp(prefix="diffusionrig_bench_"))
     rig = load_rig("demo", device=device)
+    photo = synthetic.write_album(tmp, synthetic.sample_people(1, seed=0)[0], n=1, size=photo_size, rig=rig)[0]
+    landmarks = synthetic.load_sidecar(photo).landmarks
+    torch.manual_seed(0)
+    rig.encoder = DECAEncoder().to(device).eval()  # random weights: the real ones are licensed
     model = DiffusionRig(ModelConfig(image_size=size)).to(device).eval()
-    photo = synthetic.write_bench_photo(tmp, size=max(2 * size, 1024)) if hasattr(synthetic, "write_bench_photo") \
-        else _bench_photo(tmp, size)
-    if n_edits == 1:
-        edits = [Edit(yaw=15.0)]
-    else:
-        edits = [Edit(yaw=float(v)) for v in np.linspace(-30, 30, n_edits)]
+    with torch.no_grad():  # random, non-zero output layers so nothing degenerates
+        for name, p in model.named_parameters():
+            if name.endswith("out.2.weight") or "out_layers.3" in name:
+                p.normal_(0, 0.02)
+    values = [15.0] if n_edits == 1 else [float(v) for v in np.linspace(-30, 30, n_edits)]
+    edits = [Edit(yaw=v) for v in values]
 
     def sync() -> None:
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     def once() -> dict[str, float]:
         t0 = time.perf_counter()
-        portrait = fit(rig, [photo], size=size)
-        sync()
+        try:
+            detect_landmarks(load_image(photo))
+        except NoFaceError:
+            pass
         t1 = time.perf_counter()
-        results = edit(model, portrait, edits, rig, seed=0, steps=steps, paste=False)
+        portrait = fit(rig, [photo], size=size, use_sidecar=False, landmarks=[landmarks])
         sync()
         t2 = time.perf_counter()
-        paste_back(portrait, np.stack([r.image for r in results]), indices=[0] * len(results),
-                   masks=[r.mask for r in results])
+        results = edit(model, portrait, edits, rig, seed=0, steps=steps, invert=invert, paste=False,
+                       batch_size=batch_size, fast=fast)
+        sync()
         t3 = time.perf_counter()
-        return {"fit_s": t1 - t0, "edit_s": t2 - t1, "paste_s": t3 - t2, "total_s": t3 - t0}
+        for r in results:
+            _paste_one(portrait.original[0], portrait.alignment[0], r.image, r.mask)
+        t4 = time.perf_counter()
+        return {"detect_s": t1 - t0, "fit_s": t2 - t1, "edit_s": t3 - t2, "paste_s": t4 - t3, "total_s": t4 - t0}
 
-    once()  # warm-up: kernels, caches, compile
-    runs = [once() for _ in range(max(1, repeats))]
+    once()  # warm-up: kernels, caches, lazy imports
+    runs = [once() for _ in range(max(1, int(repeats)))]
     out = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-    out.update({"size": float(size), "n_edits": float(n_edits), "steps": float(_steps_count(_steps(steps)))})
+    out["per_edit_s"] = out["total_s"] / max(1, n_edits)
+    out.update({"size": size, "n_edits": n_edits, "steps": _steps_count(_steps(steps)), "photo_size": photo_size,
+                "invert": bool(invert), "device": str(device),
+                "fast": bool(fast if fast is not None else device.type == "cuda")})
     return out
-
-
-def _bench_photo(folder: Path, size: int) -> Path:
-    """A synthetic photo with its sidecar (already aligned: detection and alignment are skipped)."""
-    from . import synthetic
-
-    people = synthetic.sample_people(1, seed=0)
-    paths = synthetic.write_album(folder, people[0], n=1, size=size)
-    return Path(paths[0])
 
 
 __all__ = [

@@ -441,13 +441,12 @@ def rig_with_deca():
     return r
 
 
-def test_a_photo_without_sidecar_is_detected_aligned_fitted_and_pasted_back(rig_with_deca, tmp_path, monkeypatch):
-    from diffusionrig_core import detect, synthetic
+def test_a_photo_without_sidecar_is_aligned_fitted_and_pasted_back(rig_with_deca, tmp_path):
+    from diffusionrig_core import synthetic
 
     photo = synthetic.write_album(tmp_path, synthetic.sample_people(1, seed=3)[0], n=1, size=160, rig=W.rig())[0]
     landmarks = synthetic.load_sidecar(photo).landmarks  # dlib does not see synthetic faces: give its answer
-    monkeypatch.setattr(detect, "detect_landmarks", lambda image, **kw: [landmarks])
-    p = P.fit(rig_with_deca, [photo], size=W.SIZE, use_sidecar=False)
+    p = P.fit(rig_with_deca, [photo], size=W.SIZE, use_sidecar=False, landmarks=[landmarks])
     assert p.alignment[0] is not None and p.aligned.shape == (1, 3, W.SIZE, W.SIZE)
     assert set(p.params) == {"shape", "tex", "exp", "pose", "cam", "light"} and p.center.shape == (1, 3)
     # the quad maps the aligned crop back onto the photo: pasting the unedited crop over the whole
@@ -456,3 +455,20 @@ def test_a_photo_without_sidecar_is_detected_aligned_fitted_and_pasted_back(rig_
     back = P.paste_back(p, P._to_uint8(p.aligned), masks=whole, grow=0.0, feather=0.02)[0]
     diff = np.abs(back.astype(int) - p.original[0].astype(int))
     assert diff.mean() < 3.0 and np.median(diff[diff > 0]) < 12
+
+
+def test_finetune_builds_the_album_and_returns_a_personal_model_with_its_mean_shape(rig, tmp_path):
+    from diffusionrig_core import synthetic
+
+    photos = W.album()[:2]
+    calls = []
+    model = P.finetune(W.model_file(), photos, rig, steps=2, out_path=tmp_path / "me.safetensors", device="cpu",
+                       callback=lambda step, total, loss=None: calls.append((step, total, loss)), batch_size=2,
+                       work_dir=tmp_path / "work")
+    assert [c[:2] for c in calls] == [(1, 2), (2, 2)] and all(c[2] is not None for c in calls)
+    shapes = torch.cat([synthetic.load_sidecar(p).params["shape"] for p in photos])
+    assert torch.allclose(model.mean_shape.reshape(-1), shapes.mean(0), atol=1e-6)
+    again = P.load_model(tmp_path / "me.safetensors", device="cpu")
+    assert torch.equal(again.mean_shape.reshape(-1), model.mean_shape.reshape(-1))
+    with pytest.raises(InputError, match="steps"):
+        P.finetune(W.model_file(), photos, rig, steps=0)
