@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
 from .errors import ImageError
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 MAX_PIXELS = 50_000_000  # 50 megapixels: larger files are refused before decoding
 ImageSource = Union[str, Path, bytes, bytearray, np.ndarray, "PIL.Image.Image"]  # noqa: F821

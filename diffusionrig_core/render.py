@@ -335,6 +335,31 @@ def render_buffers(verts: torch.Tensor, cam: torch.Tensor, light: torch.Tensor, 
 
 
 def pytorch3d_available() -> bool:
-    """True if pytorch3d is importable (optional; only used by tests that cross-check it)."""
+    """True if pytorch3d is importable (an optional cross-check backend, never required)."""
     import importlib.util
     return importlib.util.find_spec("pytorch3d") is not None
+
+
+def rasterize_pytorch3d(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same contract as :func:`rasterize`, computed by pytorch3d's ``rasterize_meshes`` (if installed),
+    called exactly as DECA calls it. Useful to cross-check :func:`rasterize` on new hardware."""
+    try:
+        from pytorch3d.renderer.mesh import rasterize_meshes
+        from pytorch3d.structures import Meshes
+    except ImportError as exc:
+        raise ImportError("rasterize_pytorch3d needs pytorch3d; the built-in rasterize() does not") from exc
+    b, h, w = verts.shape[0], int(height), int(width)
+    v = verts.float().clone()
+    v[..., :2] = -v[..., :2]
+    if h > w:
+        v[..., 1] = v[..., 1] * h / w
+    else:
+        v[..., 0] = v[..., 0] * w / h
+    meshes = Meshes(verts=v, faces=faces.long().unsqueeze(0).expand(b, -1, -1))
+    p2f, zbuf, bary, _ = rasterize_meshes(meshes, image_size=(h, w), blur_radius=0.0, faces_per_pixel=1,
+                                          bin_size=None, max_faces_per_bin=None, perspective_correct=False)
+    p2f = p2f[..., 0].long()
+    n_f = faces.shape[0]
+    per_mesh = torch.where(p2f >= 0, p2f - torch.arange(b, device=p2f.device).view(-1, 1, 1) * n_f, p2f)
+    return per_mesh, bary[..., 0, :], zbuf[..., 0]
