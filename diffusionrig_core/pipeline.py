@@ -1009,7 +1009,10 @@ def edit(model, portrait: Portrait, edits: Edit | list[Edit], rig, seed: int | N
 
     nsteps = _steps_count(steps)
     models = {id(e.model or model): (e.model or model) for e in edits}
-    total = nsteps * (n * m + (n * len(models) if invert else 0))
+    chunks = lambda k: -(-k // batch_size)  # noqa: E731  (ceil)
+    per_model = {key: n * sum(1 for e in edits if id(e.model or model) == key) for key in models}
+    # progress counts denoiser steps of each batch: sampling, and the inversion (one fewer step)
+    total = sum(nsteps * chunks(k) + ((nsteps - 1) * chunks(n) if invert else 0) for k in per_model.values())
     done = 0
 
     def tick(k: int = 1) -> None:

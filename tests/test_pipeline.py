@@ -472,3 +472,11 @@ def test_finetune_builds_the_album_and_returns_a_personal_model_with_its_mean_sh
     assert torch.equal(again.mean_shape.reshape(-1), model.mean_shape.reshape(-1))
     with pytest.raises(InputError, match="steps"):
         P.finetune(W.model_file(), photos, rig, steps=0)
+
+
+def test_edit_progress_counts_every_denoising_step_up_to_the_total(rig, small, model32):
+    calls = []
+    P.edit(model32, small, [P.Edit(yaw=5.0)] * 3, rig, seed=0, steps="ddim3", invert=True, paste=False,
+           batch_size=2, callback=lambda done, total: calls.append((done, total)))
+    total = 3 * 2 + 2 * 1  # 3 edits in 2 batches of 3 steps, one inversion of 2 steps
+    assert calls[-1] == (total, total) and [d for d, _ in calls] == list(range(1, total + 1))
