@@ -6,6 +6,7 @@ face rig load on the first request. See docs/APP.md.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from .app import AppConfig, Engine
@@ -48,6 +49,8 @@ def serve(demo, *, host: str | None = None, port: int | None = None, share: bool
         max_file_size=f"{int(cfg.max_upload_mb * 4)}mb", css=ui.CSS, footer_links=["api", "gradio"],
     )
     url = share_url or local_url
+    # the demo world, the face rig and the default model get ready while the first page loads
+    threading.Thread(target=demo.diffusionrig_engine.warm_up, name="diffusionrig-warm-up", daemon=True).start()
     if not block:
         return demo, url
     try:

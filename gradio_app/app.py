@@ -12,6 +12,7 @@ found and no model is given, the face rig, the sample people and the demo model 
 from __future__ import annotations
 
 import hashlib
+import logging
 import importlib
 import os
 import shutil
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffusionrig_core.errors import AssetError, CheckpointError, DiffusionRigError, InputError
+
+log = logging.getLogger("diffusionrig.app")
 
 MODEL_SUFFIXES = (".safetensors", ".pt", ".pth")
 # DECA's encoder weights live next to the rig assets; they are not a DiffusionRig model.
@@ -189,6 +192,17 @@ class Engine:
         self._personal: dict[str, Path] = {}
         self._work_dir: Path | None = None
         self._samples_digest: dict[str, Path] | None = None
+
+    def warm_up(self) -> None:
+        """Prepare what the first request needs (demo world, face rig, default model), e.g. in a
+        background thread after the server starts. Failures are left for that request to report."""
+        try:
+            self.sample_photos()
+            self.rig()
+            if self.default_model_label() is not None:
+                self.model(None)
+        except Exception as exc:  # noqa: BLE001 - reported again, with its message, on use
+            log.info("warm-up stopped: %s", exc)
 
     # ---- where things are -----------------------------------------------------------------
     @property

@@ -405,7 +405,7 @@ def run_swap(engine: Engine, photo: Any, model_choice: str | None, other_model: 
 @dataclass
 class AlbumCheck:
     accepted: list[Path]                    # the photos a personal model can be trained on
-    gallery: list[tuple[np.ndarray, str]]   # aligned crop | rendered | normal | albedo, per photo
+    gallery: list[tuple[np.ndarray, str]]   # per photo, 2 x 2: aligned crop, rendered / normal, albedo
     rejected: list[list[str]]               # [file name, why]
     summary: str
 
@@ -445,7 +445,8 @@ def check_album(engine: Engine, files: Any, model_choice: str | None = None,
             rejected.append([path.name, str(exc)])
             continue
         accepted.append(path)
-        gallery.append((_strip([_source_crop(portrait)] + [im for im, _ in buffers]), path.name))
+        crop, (rendered, _), (normal, _), (albedo, _) = _source_crop(portrait), *buffers
+        gallery.append((np.concatenate([_strip([crop, rendered]), _strip([normal, albedo])], axis=0), path.name))
     summary = (f"**{len(accepted)}** of {len(paths)} photos can be used"
                + (f"; {len(rejected)} rejected (see the list)." if rejected else "."))
     if accepted and len(accepted) < 10:
@@ -520,17 +521,19 @@ def train_album(engine: Engine, files: Any, base_model: str | None, steps: Any =
     stop = threading.Event()
     outcome: dict[str, Any] = {}
 
-    def callback(*args: Any, **kwargs: Any) -> None:
-        events.put(_parse_callback(args, kwargs))
+    def callback(step: Any, total: Any = None, *args: Any, loss: Any = None, **kwargs: Any) -> None:
+        events.put(_parse_callback((step, total, *args), {**kwargs, **({"loss": loss} if loss is not None else {})}))
         if stop.is_set():
             raise _Stopped()
 
     def work() -> None:
         try:
             # the base is loaded from its file, so the shared cached model is never trained in place
-            outcome["model"] = pipeline.finetune(base_path, photos, engine.rig(), steps=n_steps,
-                                                 out_path=out_path, callback=callback,
-                                                 device=engine.config.device)
+            outcome["model"] = pipeline.finetune(
+                base_path, photos, engine.rig(), steps=n_steps, out_path=out_path, callback=callback,
+                device=engine.config.device, work_dir=out_dir / f"{out_path.stem}-work",
+                # Stage 2 draws 4 photos a step (official); a smaller album draws them all
+                batch_size=min(4, len(photos)))
         except BaseException as exc:  # handed to the generator, which re-raises it
             outcome["error"] = exc
 
@@ -602,7 +605,7 @@ def setup_report(engine: Engine) -> str:
               "Change the folder with `diffusionrig app --assets DIR` or `DIFFUSIONRIG_ASSETS`.", "",
               "| file | status | needed to | where to get it |", "| --- | --- | --- | --- |"]
     for s in statuses:
-        status = f"found ({s.size / 1e6:.1f} MB)" if s.found else "**missing**"
+        status = f"✅ {s.size / 1e6:.1f} MB" if s.found else "❌ missing"
         where = "" if s.found else f"{s.info.source}; put it at `{s.path}`"
         lines.append(f"| `{s.info.name}` | {status} | {s.info.required_for} | {where} |")
     assert len(statuses) == len(ASSETS)

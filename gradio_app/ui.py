@@ -330,7 +330,8 @@ def build(engine: Engine) -> gr.Blocks:
                         album_summary = gr.Markdown()
                         album_rejected = gr.Dataframe(headers=["photo", "why it cannot be used"],
                                                       datatype=["str", "str"], interactive=False,
-                                                      label="Rejected photos", wrap=True)
+                                                      label="Rejected photos", wrap=True,
+                                                      column_widths=["30%", "70%"])
                         with gr.Row():
                             album_name = gr.Textbox(value="me", label="Name of the personal model")
                             album_steps = gr.Number(value=500, precision=0, minimum=1,
@@ -341,8 +342,8 @@ def build(engine: Engine) -> gr.Blocks:
                             album_train = gr.Button("Train personal model", variant="primary")
                             album_stop = gr.Button("Stop", variant="stop")
                     with gr.Column(scale=6):
-                        album_gallery = gr.Gallery(label="Aligned crops with their buffers (photo, rendered, "
-                                                   "normal, albedo)", columns=1, height=360, object_fit="contain")
+                        album_gallery = gr.Gallery(label="Aligned crops with their buffers (photo, rendered / "
+                                                   "normal, albedo)", columns=4, height="auto", object_fit="contain")
                         train_status = gr.Markdown()
                         train_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=220)
                         train_file = gr.File(label="Personal model", interactive=False)
@@ -360,7 +361,10 @@ def build(engine: Engine) -> gr.Blocks:
                     import pandas as pd
 
                     for update in H.train_album(engine, files, model, steps, name, progress=_progress(progress)):
-                        frame = pd.DataFrame(update.losses, columns=["step", "loss"])
+                        steps_done, losses = zip(*update.losses) if update.losses else ((), ())
+                        # typed columns, so the plot's axes are numeric even while it is empty
+                        frame = pd.DataFrame({"step": pd.Series(steps_done, dtype="int64"),
+                                              "loss": pd.Series(losses, dtype="float64")})
                         yield update.status, frame, update.model_file
 
                 train_event = album_train.click(do_train, [album_files, album_base, album_steps, album_name],

@@ -134,7 +134,7 @@ def test_album_check_shows_crops_with_buffers_and_why_photos_were_rejected(engin
               world.photos["Person 1 · 1"]]
     album = H.check_album(engine, photos)
     assert len(album.accepted) == 2 and len(album.gallery) == 2
-    assert album.gallery[0][0].shape == (SIZE, 4 * SIZE, 3)  # crop | rendered | normal | albedo
+    assert album.gallery[0][0].shape == (2 * SIZE, 2 * SIZE, 3)  # crop, rendered / normal, albedo
     reasons = dict(album.rejected)
     assert "not an image" in reasons["notes.png"] and "same photo" in reasons[Path(photos[3]).name]
     assert "**2** of 4" in album.summary
