@@ -35,7 +35,7 @@ PARAM_KEYS = ("shape", "tex", "exp", "pose", "cam", "light")
 # ---------------------------------------------------------------------------------------------
 # Types
 # ---------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)  # holds tensors: compare portraits by identity
 class Portrait:
     """One or more fitted source photos (batched), everything an edit needs.
 
@@ -315,16 +315,33 @@ def load_rig(assets_dir: PathLike | None = None, device: torch.device | str | No
 
 
 def demo_assets_dir() -> Path:
-    """Write (once) and return the synthetic world's assets folder (real formats, made-up content)."""
+    """Write (once) and return the synthetic world's assets folder (real formats, made-up content).
+
+    It lives in ``$XDG_CACHE_HOME/diffusionrig`` (default ``~/.cache``); a finished folder is moved
+    into place in one rename, so two processes starting at once never see half-written files.
+    """
+    import os
+    import shutil
+    import tempfile
+
     from . import synthetic
 
-    cache = Path.home() / ".cache" / "diffusionrig" / "demo_assets"
-    marker = cache / ".complete"
-    if not marker.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        synthetic.write_synthetic_assets(cache)
-        marker.write_text("ok")
-    return cache
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusionrig"
+    final = root / "demo_assets"
+    if not (final / ".complete").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".demo_assets-", dir=root))
+        synthetic.write_synthetic_assets(tmp)
+        (tmp / ".complete").write_text("ok")
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first (or an old incomplete folder is in the way)
+            if not (final / ".complete").exists():
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def load_model(path: PathLike, device: torch.device | str | None = None):
@@ -339,12 +356,14 @@ def load_model(path: PathLike, device: torch.device | str | None = None):
     if str(path) == "demo":
         from . import synthetic
 
-        path = synthetic.demo_model_path()  # provided by the synthetic world
+        if not hasattr(synthetic, "demo_model_path"):
+            raise CheckpointError("this installation has no demo model; give the path of a DiffusionRig model")
+        path = synthetic.demo_model_path()
     if not Path(path).exists():
         raise CheckpointError(f"model file {path} does not exist; give the path of a .pt or .safetensors model")
     try:
         model = checkpoint.load_model(path, device=device)
-    except CheckpointError:
+    except (CheckpointError, torch.cuda.OutOfMemoryError):
         raise
     except InputError as exc:
         raise CheckpointError(f"{path} is not a usable DiffusionRig model: {exc}") from exc
@@ -429,7 +448,7 @@ def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool 
     ``align=False`` takes the photos as already FFHQ-aligned (squashed to ``size`` as the official
     inference does; DECA's landmarks are detected on it, or read from ``NAME.txt`` beside it).
     ``face_index`` picks among several faces (0 = the largest). ``progress(done, total)`` is called
-    after each photo is aligned. ``use_sidecar=False`` ignores sidecars (fit synthetic photos with DECA).
+    after each photo is fitted. ``use_sidecar=False`` ignores sidecars (fit synthetic photos with DECA).
     ``landmarks[i]`` (68,2) in photo i's own pixels replaces its face detection (None: detect).
     """
     from .image_io import load_image
@@ -445,40 +464,34 @@ def fit(rig, images: Sequence[Any], size: int, face_index: int = 0, align: bool 
     if landmarks is not None and len(landmarks) != len(images):
         raise InputError(f"{len(landmarks)} landmark sets for {len(images)} photos; give one (or None) per photo")
     device = _rig_device(rig)
-    originals, names, alignments = [], [], []
-    crops: list[torch.Tensor | None] = []
-    fits: list[tuple[dict, torch.Tensor] | None] = []
-    to_fit: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # (index, aligned uint8, landmarks)
+    originals, names, alignments, crops, fits = [], [], [], [], []
     for k, item in enumerate(images):
         name = _name_of(item, k)
         image = load_image(item)
         sidecar = _sidecar_path(item) if use_sidecar else None
         if sidecar is not None:
             crop, fitted = _fit_from_sidecar(image, sidecar, size, device)
-            crops.append(_to_unit_tensor([crop]).to(device))
-            fits.append(fitted)
-            alignments.append(None)
+            crop, alignment = _to_unit_tensor([crop]), None
         else:
             given = None if landmarks is None else landmarks[k]
             crop, alignment, lms = _align(image, name, size, face_index, align, given)
-            # unaligned paths go to the rig as paths so official NAME.txt / NAME.mat landmarks are used
-            to_fit.append((k, item if alignment is None and isinstance(item, (str, Path)) else crop, lms))
-            crops.append(None)
-            fits.append(None)
-            alignments.append(alignment)
+            # an unaligned path goes to the rig as a path, so official NAME.txt / NAME.mat landmarks are used
+            source = item if alignment is None and isinstance(item, (str, Path)) else crop
+            try:
+                result = rig.fit(source, landmarks=lms, size=size, face_index=face_index if lms is None else 0)
+            except NoFaceError:
+                raise NoFaceError(
+                    f"no face found in {name!r}; use a photo where one face is clearly visible, roughly "
+                    "frontal and at least about 80 pixels wide") from None
+            crop = result.image.float()
+            fitted = ({key: result.params[key].float() for key in PARAM_KEYS}, result.tform.float())
         originals.append(image)
         names.append(name)
+        alignments.append(alignment)
+        crops.append(crop)
+        fits.append(fitted)
         if progress is not None:
             progress(k + 1, len(images))
-    for k, crop, lms in to_fit:  # DECA one photo at a time: a NoFaceError names its photo
-        try:
-            fitted = rig.fit(crop, landmarks=lms, size=size, face_index=face_index if lms is None else 0)
-        except NoFaceError:
-            raise NoFaceError(
-                f"no face found in {names[k]!r}; use a photo where one face is clearly visible, roughly "
-                "frontal and at least about 80 pixels wide") from None
-        crops[k] = fitted.image.float()
-        fits[k] = ({key: fitted.params[key].float() for key in PARAM_KEYS}, fitted.tform.float())
     params = {key: torch.cat([f[0][key].to(device) for f in fits]) for key in PARAM_KEYS}
     tform = torch.cat([f[1].reshape(1, 3, 3).to(device) for f in fits])
     portrait = Portrait(original=originals, aligned=torch.cat([c.to(device) for c in crops]), alignment=alignments,
