@@ -42,6 +42,12 @@ class Stage2Finetune(io.ComfyNode):
                                                 "(about 20, varied light, pose and expression)."),
                 io.Int.Input("steps", default=5000, min=1, max=100000,
                              tooltip="Training steps (the paper: 5000, about 30 min on a V100)."),
+                io.Boolean.Input("align", default=True,
+                                 tooltip="FFHQ-align each photo around its face first. Turn off only for an "
+                                         "album of already FFHQ-aligned crops."),
+                io.Int.Input("batch_size", default=4, min=1, max=64,
+                             tooltip="Photos per training step (the paper: 4); at most the number of album "
+                                     "photos with a face."),
                 io.String.Input("name", default="personal",
                                 tooltip="File name of the personal model in ComfyUI/models/diffusionrig "
                                         "(.safetensors is added); the Model Loader lists it after a refresh."),
@@ -59,8 +65,10 @@ class Stage2Finetune(io.ComfyNode):
         return glue.first_error(*(_check_name(n) for n in names))
 
     @classmethod
-    def execute(cls, rig, base_model, album, steps, name, overwrite) -> io.NodeOutput:
-        rig, base_model, steps, name, overwrite = rig[0], base_model[0], steps[0], name[0], overwrite[0]
+    def execute(cls, rig, base_model, album, steps, align, batch_size, name, overwrite) -> io.NodeOutput:
+        rig, base_model, steps, batch_size = rig[0], base_model[0], int(steps[0]), int(batch_size[0])
+        align = bool(align[0])
+        name, overwrite = name[0], overwrite[0]
         errors = glue.errors()
         ok = _check_name(name)
         if ok is not True:
@@ -69,12 +77,17 @@ class Stage2Finetune(io.ComfyNode):
         for batch in album:
             glue.check_image(batch, "Stage 2 Finetune's album")
             photos += glue.image_to_uint8_list(batch)
+        if len(photos) < batch_size:
+            raise errors.InputError(
+                f"the album has {len(photos)} photo(s) but batch_size is {batch_size}; lower batch_size to "
+                f"{len(photos)} or add photos (about 20 work best)")
         out = paths.save_path(name)
         if out.exists() and not overwrite:
             raise errors.InputError(
                 f"a model named {name!r} already exists at {out}; choose another name or turn on overwrite")
         out.parent.mkdir(parents=True, exist_ok=True)
-        model = glue.core().finetune(base_model, photos, rig, steps=int(steps), out_path=out,
-                                     callback=glue.progress_callback(steps, trust_total=False))
+        model = glue.core().finetune(base_model, photos, rig, steps=steps, out_path=out, align=align,
+                                     batch_size=batch_size,
+                                     callback=glue.progress_callback(steps))
         glue.free_cache()
         return io.NodeOutput(model, ui={"text": [f"saved {out.name} ({len(photos)} photos, {steps} steps)"]})

@@ -330,5 +330,8 @@ def test_finetune_checks_the_name_and_refuses_to_overwrite(comfy, tiny):
     folder = Path(comfy.folder_paths.get_folder_paths("diffusionrig")[0])
     (folder / "taken.safetensors").write_bytes(b"x")
     with pytest.raises(comfy.core.errors.InputError, match="overwrite"):
-        cls.execute(rig=[None], base_model=[tiny], album=[torch.rand(2, 64, 64, 3)], steps=[1], name=["taken"],
-                    overwrite=[False])
+        cls.execute(rig=[None], base_model=[tiny], album=[torch.rand(2, 64, 64, 3)], steps=[1], align=[True], batch_size=[2],
+                    name=["taken"], overwrite=[False])
+    with pytest.raises(comfy.core.errors.InputError, match="lower batch_size to 2"):
+        cls.execute(rig=[None], base_model=[tiny], album=[torch.rand(2, 64, 64, 3)], steps=[1], align=[True], batch_size=[4],
+                    name=["free"], overwrite=[False])

@@ -396,7 +396,7 @@ def _small(prompt: dict) -> dict:
         elif kind in ("DiffusionRigRigSample", "DiffusionRigStage2Finetune"):
             inputs["steps"] = 2
         if kind == "DiffusionRigStage2Finetune":
-            inputs["name"] = "test_personal"
+            inputs.update(name="test_personal", batch_size=2, align=False)  # the synthetic photos are aligned
     return prompt
 
 
@@ -412,3 +412,20 @@ def test_api_workflow_runs_on_the_synthetic_world_and_saves_images(comfy, world,
     crop = next(v for k, v in world.saved.items() if k != save and v.shape[1:3] == (64, 64))
     assert crop.shape[0] == 1 and torch.isfinite(crop).all()
     assert outputs
+
+
+def test_finetune_stops_on_cancel_and_writes_no_model(comfy, world):
+    pack, classes, info = comfy
+    import comfy.model_management as mm
+    import folder_paths
+
+    rig = classes["DiffusionRigFaceRigLoader"].execute(assets="diffusionrig_assets").args[0]
+    base = classes["DiffusionRigModelLoader"].execute(model_name="tiny.safetensors").args[0]
+    album = [world._read(p) for p in sorted((world.input_dir / "diffusionrig_album").glob("*.png"))]
+    mm.interrupt_current_processing(True)
+    with pytest.raises(mm.InterruptProcessingException):
+        classes["DiffusionRigStage2Finetune"].execute(rig=[rig], base_model=[base], album=album, steps=[50],
+                                                      align=[False], batch_size=[2], name=["cancelled"],
+                                                      overwrite=[False])
+    models = Path(folder_paths.get_folder_paths("diffusionrig")[-1])
+    assert not (models / "cancelled.safetensors").exists()
