@@ -131,7 +131,7 @@ def _seed_row(engine: Engine):
 
 def _result_column(with_buffers: bool = True):
     compare = gr.ImageSlider(label="Before / after (drag the handle)", type="numpy", elem_id="result")
-    info = gr.Markdown(elem_classes=["dr-info"])
+    info = gr.Markdown(label="Info", elem_classes=["dr-info"])
     buffers = (gr.Gallery(label="Physical buffers of the edit (rendered, normal, albedo)", columns=3,
                           height=220, object_fit="contain", allow_preview=True, elem_id="buffers")
                if with_buffers else None)
@@ -232,8 +232,9 @@ def build(engine: Engine) -> gr.Blocks:
                           concurrency_id="sample")
 
                 @_guard
-                def do_preview(photo, model, light_mode, azimuth, elevation, intensity, color, preset, yaw,
-                               pitch, roll, jaw_open, expression_strength, take_from, reference):
+                def do_preview(photo, model=None, light_mode=H.LIGHT_MODES[0], azimuth=0.0, elevation=0.0,
+                               intensity=1.0, color="#ffffff", preset=None, yaw=0.0, pitch=0.0, roll=0.0,
+                               jaw_open=0.0, expression_strength=1.0, take_from=None, reference=None):
                     if not photo:
                         return []
                     s = _settings([light_mode, azimuth, elevation, intensity, color, preset, yaw, pitch, roll,
@@ -327,7 +328,7 @@ def build(engine: Engine) -> gr.Blocks:
                         album_base = _model_dropdown(engine, "Start from (a generic Stage 1 model)")
                         model_dropdowns.append(album_base)
                         album_check = gr.Button("Check photos")
-                        album_summary = gr.Markdown()
+                        album_summary = gr.Markdown(label="Summary")
                         album_rejected = gr.Dataframe(headers=["photo", "why it cannot be used"],
                                                       datatype=["str", "str"], interactive=False,
                                                       label="Rejected photos", wrap=True,
@@ -344,8 +345,9 @@ def build(engine: Engine) -> gr.Blocks:
                     with gr.Column(scale=6):
                         album_gallery = gr.Gallery(label="Aligned crops with their buffers (photo, rendered / "
                                                    "normal, albedo)", columns=4, height="auto", object_fit="contain")
-                        train_status = gr.Markdown()
-                        train_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=220)
+                        train_status = gr.Markdown(label="Status")
+                        train_plot = gr.LinePlot(x="step", y="loss", title="Training loss", label="Training loss",
+                                                 height=220)
                         train_file = gr.File(label="Personal model", interactive=False)
 
                 @_guard
@@ -374,7 +376,7 @@ def build(engine: Engine) -> gr.Blocks:
 
             # ---------------------------------------------------------------- Setup
             with gr.Tab("Setup", id="setup"):
-                setup_md = gr.Markdown()
+                setup_md = gr.Markdown(label="Setup report")
                 setup_refresh = gr.Button("Check again")
                 setup_refresh.click(_guard(lambda: H.setup_report(engine)), None, setup_md, api_name="setup")
 
@@ -398,7 +400,13 @@ def build(engine: Engine) -> gr.Blocks:
 
         demo.load(_guard(on_load), model_dropdowns, [*model_dropdowns, setup_md, samples],
                   api_visibility="private")
-        refresh.click(_guard(refresh_models), model_dropdowns, model_dropdowns, api_name="models")
+        refresh.click(_guard(refresh_models), model_dropdowns, model_dropdowns, api_visibility="private")
+
+        def models() -> list[str]:
+            """The labels of every model the app offers (give one as `model` to the other endpoints)."""
+            return list(engine.model_choices())
+
+        gr.api(models, api_name="models")
         train_event.then(refresh_models, model_dropdowns, model_dropdowns, api_visibility="private")
 
         def pick_sample(evt: gr.SelectData):
