@@ -79,6 +79,7 @@ def infer_config(
     C = shape("time_embed.0.weight")[1]
     latent_dim = sd["encoder.fc.weight"].shape[0]
     encoder_type = "resnet50" if "encoder.layer1.0.conv3.weight" in sd else "resnet18"
+    encoder_width = int(sd["encoder.conv1.weight"].shape[0]) if "encoder.conv1.weight" in sd else 64
     out_ch = shape("out.2.weight")[0]
     if out_ch not in (3, 6):
         raise CheckpointError(f"the UNet outputs {out_ch} channels; DiffusionRig models output 3 (or 6 with learn_sigma)")
@@ -131,6 +132,7 @@ def infer_config(
         in_channels=in_channels,
         encoder_type=encoder_type,
         learn_sigma=out_ch == 6,
+        encoder_width=encoder_width,
     )
     check_state_dict(sd, config)
     return config

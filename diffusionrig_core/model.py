@@ -76,6 +76,7 @@ class ModelConfig:
     in_channels: int = 12
     encoder_type: str = "resnet18"
     learn_sigma: bool = False
+    encoder_width: int = 64  # ResNet stem width: 64 official; narrower only for the small synthetic demo model
 
     def __post_init__(self) -> None:
         if self.channel_mult in ("", None, ()):
@@ -84,6 +85,9 @@ class ModelConfig:
         self.attention_resolutions = _parse_numbers(self.attention_resolutions, int)
         if self.encoder_type not in ("resnet18", "resnet50"):
             raise InputError(f"encoder_type must be 'resnet18' or 'resnet50', got {self.encoder_type!r}")
+        if int(self.encoder_width) < 1:
+            raise InputError(f"encoder_width must be a positive number of channels, got {self.encoder_width!r}")
+        self.encoder_width = int(self.encoder_width)
         for mult in self.channel_mult:
             width = int(mult * self.num_channels)
             if width % 32:
@@ -179,7 +183,8 @@ class DiffusionRig(nn.Module):
         super().__init__()
         self.config = config if config is not None else ModelConfig()
         self.denoisingUNet = UNetModel(**self.config.unet_kwargs())
-        self.encoder = ResNet(self.config.encoder_type, num_outputs=self.config.latent_dim)
+        self.encoder = ResNet(self.config.encoder_type, num_outputs=self.config.latent_dim,
+                              width=self.config.encoder_width)
         self.mean_shape: torch.Tensor | None = None  # album mean DECA shape (1, 100), if known
         self.metadata: dict[str, Any] = {}
 
