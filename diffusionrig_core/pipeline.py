@@ -252,8 +252,8 @@ class Edit:
             out[name] = v
         return out
 
-    def describe(self) -> str:
-        """A short label for contact sheets and file names."""
+    def describe_parts(self) -> list[str]:
+        """Short tokens naming what this edit changes, e.g. ["yaw=15", "light<sunset"]."""
         parts = []
         for k, v in self.to_dict().items():
             if isinstance(v, dict):
@@ -266,7 +266,11 @@ class Edit:
                 parts.append(f"{k}={v:g}")
             else:
                 parts.append(f"{k}={v}")
-        return " ".join(parts) or "reconstruction"
+        return parts
+
+    def describe(self) -> str:
+        """A short label for contact sheets and file names."""
+        return " ".join(self.describe_parts()) or "reconstruction"
 
 
 @dataclass
@@ -1102,7 +1106,8 @@ def contact_sheet(portrait: Portrait, results: Sequence[EditResult], rig=None, c
     from PIL import Image, ImageDraw
 
     s = max(portrait.size, 128) if cell is None else int(cell)  # small crops are enlarged so labels fit
-    label_h = 14
+    line, chars = 13, max(4, s // 6)
+    label_h = 2 * line + 2  # the photo's name (+ what all its results share), then one label per column
     rows_per_photo = 4
     src_prev = None
     if rig is not None:
@@ -1126,13 +1131,19 @@ def contact_sheet(portrait: Portrait, results: Sequence[EditResult], rig=None, c
 
     for p, i in enumerate(photos):
         top = p * (label_h + rows_per_photo * s)
-        draw.text((2, top + 1), portrait.names[i][: max(4, s // 7)], fill=(230, 230, 230))
+        mine = by_photo.get(i, [])
+        parts = [r.edit.describe_parts() for r in mine]
+        common = [t for t in parts[0] if all(t in q for q in parts[1:])] if len(parts) > 1 else []
+        title = portrait.names[i] + (" · " + " ".join(common) if common else "")
+        draw.text((2, top + 1), title[: chars * ncols], fill=(230, 230, 230))
+        draw.text((2, top + 1 + line), "source", fill=(160, 160, 160))
         put(_to_uint8(portrait.aligned[i:i + 1])[0], 0, 0, top)
         if src_prev is not None:
             for row, key in enumerate(("rendered", "normal", "albedo"), start=1):
                 put(u8(src_prev[key][i]), 0, row, top)
-        for c, r in enumerate(by_photo.get(i, []), start=1):
-            draw.text((c * s + 2, top + 1), r.edit.describe()[: max(4, s // 7)], fill=(230, 230, 230))
+        for c, (r, tokens) in enumerate(zip(mine, parts), start=1):
+            label = " ".join(t for t in tokens if t not in common) or ("reconstruction" if not tokens else "")
+            draw.text((c * s + 2, top + 1 + line), f"{label[:chars]} #{r.seed}"[: chars + 12], fill=(230, 230, 230))
             put(r.image, c, 0, top)
             prev = buffer_previews(r.buffers[None])
             for row, key in enumerate(("rendered", "normal", "albedo"), start=1):

@@ -121,13 +121,13 @@ def _add_extract(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-def _bar(quiet: bool, desc: str):
+def _bar(quiet: bool, desc: str, unit: str = "step"):
     """A tqdm bar driven by pipeline callbacks ``(done, total)``; returns (callback, close)."""
     if quiet:
         return None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    bar = tqdm(desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
     def cb(done: int, total: int) -> None:
         if bar.total != total:
@@ -216,7 +216,7 @@ def run_edit(args) -> int:
     rig = pipeline.load_rig(args.assets, device=device)
     size = int(model.config.image_size)
 
-    cb, close = _bar(args.quiet, "fitting")
+    cb, close = _bar(args.quiet, "fitting", "photo")
     try:
         portrait = pipeline.fit(rig, args.photos, size=size, face_index=args.face_index,
                                 align=not args.no_align, progress=cb)
@@ -270,7 +270,7 @@ def run_extract(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = pipeline._device(args.device)
     rig = pipeline.load_rig(args.assets, device=device)
-    cb, close = _bar(args.quiet, "fitting")
+    cb, close = _bar(args.quiet, "fitting", "photo")
     try:
         portrait = pipeline.fit(rig, args.photos, size=args.size, face_index=args.face_index,
                                 align=not args.no_align, progress=cb)
