@@ -304,6 +304,14 @@ def test_paste_back_of_an_already_aligned_photo_keeps_the_background(rig, portra
     assert (out[mask >= 0.999] >= 254).all()
 
 
+def test_paste_back_takes_float_tensors_and_explicit_masks_as_the_nodes_pass_them(rig):
+    p = W.quad_portrait(seed=6)
+    images = torch.ones(2, W.SIZE, W.SIZE, 3)  # (B,H,W,C) float in [0,1]
+    masks = [p.face_mask[0], torch.zeros(W.SIZE, W.SIZE)]
+    a, b = P.paste_back(p, images, indices=[0, 0], masks=masks)
+    assert np.any(a != p.original[0]) and np.array_equal(b, p.original[0])
+
+
 def test_edit_pastes_back_into_the_full_photo(rig, model32):
     p = W.quad_portrait(seed=5, size=32)
     res = P.edit(model32, p, P.Edit(light_intensity=1.5), rig, seed=0, steps="ddim2")[0]
@@ -392,6 +400,14 @@ def test_an_optimizer_state_given_as_model_is_refused(tmp_path):
         P.load_model(path, device="cpu")
     with pytest.raises(CheckpointError, match="not exist|not found"):
         P.load_model(tmp_path / "missing.pt", device="cpu")
+    deca = tmp_path / "deca_model.tar"
+    torch.save({"E_flame": {"layers.0.weight": torch.zeros(1)}, "E_detail": {}}, deca)
+    with pytest.raises(CheckpointError, match="DECA"):
+        P.load_model(deca, device="cpu")
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError):
+        P.load_model(text, device="cpu")
 
 
 def test_bad_sampling_options_are_refused(rig, portrait, model):
