@@ -9,7 +9,6 @@ import torch
 
 from diffusionrig_core import pipeline as P
 from diffusionrig_core.errors import CheckpointError, ImageError, InputError, NoFaceError
-from diffusionrig_core.model import DiffusionRig, ModelConfig
 
 import pipeline_fixtures as W
 
