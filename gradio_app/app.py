@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,10 @@ class AppConfig:
     default_steps: int = 20
     max_steps: int = 200
     max_train_steps: int = 20_000
-    fit_cache_size: int = 32
+    fit_cache_size: int = 32                # fitted photos kept (by content) ...
+    fit_cache_mb: float = 1500.0            # ... within this much memory (full-resolution originals)
     model_cache_size: int = 3
+    keep_results_hours: float = 24.0        # older result folders are deleted as new ones are made
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "AppConfig":
@@ -176,6 +179,11 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _portrait_bytes(portrait) -> int:
+    return sum(int(getattr(o, "nbytes", 0)) for o in portrait.original) + \
+        portrait.aligned.element_size() * portrait.aligned.nelement()
+
+
 class Engine:
     """The app's shared state. Cheap to create; everything heavy loads on first use."""
 
@@ -190,6 +198,7 @@ class Engine:
         self._model_locks: dict[Path, threading.Lock] = {}
         self._fits: OrderedDict[tuple, Any] = OrderedDict()
         self._personal: dict[str, Path] = {}
+        self._stops: dict[str, threading.Event] = {}
         self._work_dir: Path | None = None
         self._samples_digest: dict[str, Path] | None = None
 
@@ -217,9 +226,17 @@ class Engine:
             return self._work_dir
 
     def new_output_dir(self, kind: str) -> Path:
-        """A fresh folder for one request's downloadable files."""
+        """A fresh folder for one request's downloadable files (a long-running server deletes
+        folders older than ``keep_results_hours``, so its disk does not fill up)."""
         parent = self.work_dir / kind
         parent.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - self.config.keep_results_hours * 3600
+        for old in parent.iterdir():
+            try:
+                if old.is_dir() and old.stat().st_mtime < cutoff:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:  # removed by another request meanwhile
+                pass
         return Path(tempfile.mkdtemp(prefix="", dir=parent))
 
     def assets_status(self) -> list:
@@ -284,6 +301,13 @@ class Engine:
                 if path == self.config.model:
                     return label
         return next(iter(choices), None)
+
+    def stop_event(self, session: str, create: bool = True) -> threading.Event:
+        """The Stop flag of one browser session's training (a fresh one each time ``create``)."""
+        with self._lock:
+            if create or session not in self._stops:
+                self._stops[session] = threading.Event()
+            return self._stops[session]
 
     def add_personal_model(self, label: str, path: Path) -> None:
         with self._lock:
@@ -366,7 +390,9 @@ class Engine:
                 f"tab explains. ({exc})") from exc
         with self._lock:
             self._fits[key] = portrait
-            while len(self._fits) > self.config.fit_cache_size:
+            budget = self.config.fit_cache_mb * 1e6
+            while len(self._fits) > 1 and (len(self._fits) > self.config.fit_cache_size
+                                           or sum(map(_portrait_bytes, self._fits.values())) > budget):
                 self._fits.popitem(last=False)
         return portrait
 

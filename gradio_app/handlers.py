@@ -491,11 +491,11 @@ def _slug(text: str) -> str:
 
 def train_album(engine: Engine, files: Any, base_model: str | None, steps: Any = 500,
                 name: str = "personal", progress: Progress | None = None,
-                poll_s: float = 0.5) -> Iterator[TrainUpdate]:
+                poll_s: float = 0.5, stop: threading.Event | None = None) -> Iterator[TrainUpdate]:
     """Stage 2 on the album's usable photos, yielding progress; the last update carries the model.
 
-    Training runs in a worker thread; closing this generator (the page was closed, Stop was
-    pressed) stops it at the next step.
+    Training runs in a worker thread. Setting ``stop`` (the Stop button) or closing this generator
+    ends it at the next step, without a model.
     """
     from diffusionrig_core import pipeline
 
@@ -518,7 +518,7 @@ def train_album(engine: Engine, files: Any, base_model: str | None, steps: Any =
     out_path = out_dir / f"{_slug(name)}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
 
     events: queue.Queue = queue.Queue()
-    stop = threading.Event()
+    stop = stop if stop is not None else threading.Event()
     outcome: dict[str, Any] = {}
 
     def callback(step: Any, total: Any = None, *args: Any, loss: Any = None, **kwargs: Any) -> None:
@@ -568,8 +568,12 @@ def train_album(engine: Engine, files: Any, base_model: str | None, steps: Any =
             yield TrainUpdate(f"Step **{step}/{total}**{loss_text} · {elapsed:.0f} s, about {left:.0f} s left",
                               list(losses))
         thread.join()
+        stopped = stop.is_set()  # asked for by the Stop button (not by the clean-up below)
     finally:
-        stop.set()
+        stop.set()  # a closed generator (page gone) also ends the worker at its next step
+    if "model" not in outcome and (stopped or isinstance(outcome.get("error"), _Stopped)):
+        yield TrainUpdate(f"Stopped at step {last[0]} of {last[1]}; no model was saved.", list(losses))
+        return
     if "error" in outcome:
         exc = outcome["error"]
         if isinstance(exc, DiffusionRigError):

@@ -83,6 +83,10 @@ def _guard(fn: Callable) -> Callable:
     return wrapper
 
 
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "default"
+
+
 def _progress(progress: gr.Progress) -> H.Progress:
     return lambda fraction, message: progress(fraction, desc=message)
 
@@ -359,20 +363,26 @@ def build(engine: Engine) -> gr.Blocks:
                                   [album_gallery, album_rejected, album_summary], api_name="album_check")
 
                 @_guard
-                def do_train(files, model=None, steps=500, name="personal", progress=gr.Progress()):
+                def do_train(files, model=None, steps=500, name="personal", request: gr.Request = None,
+                             progress=gr.Progress()):
                     import pandas as pd
 
-                    for update in H.train_album(engine, files, model, steps, name, progress=_progress(progress)):
+                    stop = engine.stop_event(_session(request))
+                    for update in H.train_album(engine, files, model, steps, name, progress=_progress(progress),
+                                                stop=stop):
                         steps_done, losses = zip(*update.losses) if update.losses else ((), ())
                         # typed columns, so the plot's axes are numeric even while it is empty
                         frame = pd.DataFrame({"step": pd.Series(steps_done, dtype="int64"),
                                               "loss": pd.Series(losses, dtype="float64")})
                         yield update.status, frame, update.model_file
 
+                def do_stop(request: gr.Request = None):
+                    engine.stop_event(_session(request), create=False).set()
+
                 train_event = album_train.click(do_train, [album_files, album_base, album_steps, album_name],
                                                 [train_status, train_plot, train_file], api_name="train",
                                                 concurrency_id="train", concurrency_limit=1)
-                album_stop.click(None, None, None, cancels=[train_event], api_visibility="private")
+                album_stop.click(do_stop, None, None, api_visibility="private", queue=False)
 
             # ---------------------------------------------------------------- Setup
             with gr.Tab("Setup", id="setup"):

@@ -6,6 +6,7 @@ real page.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,16 @@ def test_stage_two_streams_progress_and_registers_the_personal_model(engine, wor
     assert last.model_label in engine.model_choices()
     out = H.run_edit(engine, photos[0], last.model_label, H.EditSettings(), steps=2)
     assert out.after.shape == (SIZE, SIZE, 3)
+
+
+def test_stop_ends_stage_two_without_a_model(engine, world):
+    stop = threading.Event()
+    stop.set()  # pressed before the first step finished
+    before = set(engine.model_choices())
+    photos = [world.photos["Person 1 · 1"], world.photos["Person 1 · 2"]]
+    updates = list(H.train_album(engine, photos, "demo: tiny A", steps=50, name="Bo", poll_s=0.05, stop=stop))
+    assert updates[-1].status.startswith("Stopped") and updates[-1].model_file is None
+    assert set(engine.model_choices()) == before
 
 
 def test_setup_report_names_every_asset_the_models_and_the_demo_mode(engine):
