@@ -6,6 +6,7 @@ running ComfyUI (or the test shim), and importing this module must stay cheap.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -51,6 +52,17 @@ def free_cache() -> None:
     import comfy.model_management as mm
 
     mm.soft_empty_cache()
+
+
+@contextlib.contextmanager
+def autograd_on():
+    """ComfyUI runs every node under ``torch.inference_mode()``; training needs autograd back.
+
+    Tensors made inside inference mode can never join a backward pass, so the fine-tune works on
+    weights it loads itself (the core re-reads the base model from a file).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def progress_callback(total: int, trust_total: bool = True) -> Callable[[int, float], None]:

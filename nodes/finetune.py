@@ -86,8 +86,9 @@ class Stage2Finetune(io.ComfyNode):
             raise errors.InputError(
                 f"a model named {name!r} already exists at {out}; choose another name or turn on overwrite")
         out.parent.mkdir(parents=True, exist_ok=True)
-        model = glue.core().finetune(base_model, photos, rig, steps=steps, out_path=out, align=align,
-                                     batch_size=batch_size,
-                                     callback=glue.progress_callback(steps))
+        with glue.autograd_on():
+            model = glue.core().finetune(base_model, photos, rig, steps=steps, out_path=out, align=align,
+                                         batch_size=batch_size,
+                                         callback=glue.progress_callback(steps))
         glue.free_cache()
         return io.NodeOutput(model, ui={"text": [f"saved {out.name} ({len(photos)} photos, {steps} steps)"]})

@@ -296,7 +296,8 @@ def run_prompt(prompt: dict, classes: dict, info: dict, builtins: FakeBuiltins, 
             if schema.is_input_list:
                 literal = {k: [v] for k, v in literal.items()}
             assert cls.validate_inputs(**literal) is True, f"node {node_id} fails validation"
-        result = cls.execute(**kwargs)
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            result = cls.execute(**kwargs)
         assert len(result.args) == len(schema.outputs), f"{class_type} returned {len(result.args)} values"
         for value, out in zip(result.args, schema.outputs):
             if out.io_type == "IMAGE":
@@ -423,7 +424,7 @@ def test_finetune_stops_on_cancel_and_writes_no_model(comfy, world):
     base = classes["DiffusionRigModelLoader"].execute(model_name="tiny.safetensors").args[0]
     album = [world._read(p) for p in sorted((world.input_dir / "diffusionrig_album").glob("*.png"))]
     mm.interrupt_current_processing(True)
-    with pytest.raises(mm.InterruptProcessingException):
+    with pytest.raises(mm.InterruptProcessingException), torch.inference_mode():
         classes["DiffusionRigStage2Finetune"].execute(rig=[rig], base_model=[base], album=album, steps=[50],
                                                       align=[False], batch_size=[2], name=["cancelled"],
                                                       overwrite=[False])
