@@ -158,7 +158,8 @@ def _edit_outputs(out: H.EditOutput, with_buffers: bool = True) -> tuple:
 # ---------------------------------------------------------------------------------------------
 def build(engine: Engine) -> gr.Blocks:
     """All tabs wired to ``engine``. Nothing heavy runs here: models load on the first request."""
-    with gr.Blocks(title="DiffusionRig", analytics_enabled=False) as demo:
+    # delete_cache: uploads and outputs Gradio keeps are removed after a day (checked hourly)
+    with gr.Blocks(title="DiffusionRig", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# DiffusionRig\nEdit a portrait's **lighting, expression and head pose** while it stays "
                     "the same person (Ding et al., CVPR 2023).")
         banner = gr.Markdown(H.demo_banner(engine), visible=engine.demo, elem_id="demo-banner")

@@ -14,7 +14,7 @@ import torch
 SIZE = 64
 
 
-def make_world(root: Path):
+def make_world(root: Path, n_models: int = 2):
     """Write the world under ``root`` and return the app's ``DemoWorld`` for it (skips if the
     synthetic people are not available in this checkout)."""
     from gradio_app.app import DemoWorld
@@ -33,7 +33,7 @@ def make_world(root: Path):
         for j, path in enumerate(album):
             photos[f"Person {i + 1} · {j + 1}"] = Path(path)
     models = {}
-    for k, label in enumerate(("demo: tiny A", "demo: tiny B")):
+    for k, label in enumerate(("demo: tiny A", "demo: tiny B")[:n_models]):
         torch.manual_seed(k)
         models[label] = save_model(DiffusionRig(ModelConfig.tiny()), root / f"tiny_{k}.safetensors")
     return DemoWorld(assets, photos, {k: Path(v) for k, v in models.items()})
@@ -47,5 +47,5 @@ def write_bad_files(root: Path) -> dict[str, Path]:
     bad = {"not_image": root / "notes.png", "no_face": root / "wall.png", "huge": root / "huge.png"}
     bad["not_image"].write_text("this is a shopping list, not a photo")
     Image.fromarray(np.full((160, 160, 3), 128, np.uint8)).save(bad["no_face"])
-    Image.new("RGB", (3000, 2000), (90, 90, 90)).save(bad["huge"])  # small file, 6 megapixels
+    Image.new("RGB", (3000, 2000), (90, 90, 90)).save(bad["huge"], compress_level=1)  # small file, 6 megapixels
     return bad

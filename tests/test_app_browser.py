@@ -15,7 +15,9 @@ import pytest
 
 from app_world import make_world, write_bad_files
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser,
+              # pandas 3 deprecations inside Gradio's queue statistics, not ours
+              pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "",
@@ -39,7 +41,7 @@ def served(tmp_path_factory):
     from gradio_app.app import AppConfig, Engine
 
     root = tmp_path_factory.mktemp("browser_world")
-    world = make_world(root / "world")
+    world = make_world(root / "world", n_models=1)
     mp = pytest.MonkeyPatch()
     mp.setenv("DIFFUSIONRIG_MODELS", str(root / "no_models_here"))
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")

@@ -280,3 +280,27 @@ def test_stage2_explains_what_is_missing(tmp_path, data, base):
         train(TrainConfig.tiny(2, max_steps=1), data["two"], tmp_path / "x", progress=False)
     with pytest.raises(TrainingError, match="album has 2 photos"):
         train(TrainConfig.tiny(2, max_steps=1, batch_size=4), data["two"], tmp_path / "y", base=base, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+def test_finetune_command_turns_a_folder_of_photos_into_a_personal_model(tmp_path, base):
+    from diffusionrig_core import synthetic
+    from diffusionrig_core.cli import main
+
+    assets = tmp_path / "assets"
+    rig = synthetic.synthetic_rig(assets)
+    synthetic.write_album(tmp_path / "album", synthetic.sample_people(1, seed=3)[0], n=3, size=SIZE, rig=rig)
+    out = tmp_path / "me.safetensors"
+    rc = main(["finetune", str(tmp_path / "album"), "--base", str(base), "--out", str(out), "--assets", str(assets),
+               "--size", str(SIZE), "--tiny", "--steps", "2", "--quiet"])
+    assert rc == 0
+    model = load_model(out)
+    album = RigDataset(tmp_path / "me_training" / "dataset")
+    assert album.names == ["photo_000.png", "photo_001.png", "photo_002.png"]
+    assert torch.equal(model.mean_shape, album.mean_shape) and model.metadata["steps"] == 2
+    assert (tmp_path / "me_training" / "loss.png").is_file()
+    # a second call finds the finished run and the built album and just rewrites the model
+    assert main(["finetune", str(tmp_path / "album"), "--base", str(base), "--out", str(out), "--tiny",
+                 "--steps", "2", "--quiet", "--assets", str(assets), "--size", str(SIZE)]) == 0
