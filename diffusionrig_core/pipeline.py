@@ -1221,6 +1221,8 @@ def finetune(base_model_or_path, images, rig, steps: int = 5000, out_path: PathL
             callback(step, steps)
 
     dev = None if device is None else str(device)
+    # the official Stage 2 draws 4 photos per step; a smaller album gives all it has
+    train_options.setdefault("batch_size", min(4, len(album)))
     config = TrainConfig(stage=2, max_steps=steps, device=dev, **train_options)
     path = train(config, work / "dataset", work / "run", base=base_path, progress=False, callback=on_step,
                  model_path=out_path)
