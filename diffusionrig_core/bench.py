@@ -11,8 +11,8 @@ The "model" section measures, on one GPU and the default 256 model:
   ours = bf16 autocast + fused attention + channels_last + torch.compile + fused Adam;
   baseline = the official recipe (fp16 autocast + GradScaler, eager, legacy attention, Adam);
 * peak training memory at batch 32;
-* DDIM-20 sampling time for 1 and 16 images; ours = bf16 + fused attention + torch.compile with
-  CUDA graphs; baseline = float32 eager (official inference).
+* DDIM-20 sampling time for 1 and 16 images; ours = bf16 + fused attention, eager, replayed from a
+  CUDA graph, or compiled (variants in ``SAMPLE_VARIANTS``); baseline = float32 eager (official inference).
 """
 from __future__ import annotations
 
@@ -172,37 +172,51 @@ def bench_train(opts: BenchOptions, batch: int, fast: bool) -> Row:
 # ---------------------------------------------------------------------------------------------
 # DDIM sampling
 # ---------------------------------------------------------------------------------------------
-def bench_ddim(opts: BenchOptions, batches: tuple[int, ...], fast: bool) -> list[Row]:
-    from .fast import FastDenoiser, set_sdpa
+SAMPLE_VARIANTS = ("official", "fast", "fast+graph", "fast+compile")
+
+
+def bench_ddim(opts: BenchOptions, batches: tuple[int, ...], variant: str) -> list[Row]:
+    """DDIM timings of one variant: "official" (float32 eager, legacy attention), "fast" (bf16 +
+    SDPA + channels_last, eager), "fast+graph" (the same replayed from a CUDA graph) or
+    "fast+compile" (torch.compile, mode ``sample_compile``, CUDA graphs by default)."""
+    from .fast import FastDenoiser, GraphedDenoiser, set_sdpa
     from .sampling import ddim_sample
 
     device = torch.device(opts.device)
     model = _build_model(opts, device).eval()
-    if fast:
-        mode = opts.extra.get("sample_compile", "reduce-overhead") if opts.compile else False
-        net: Any = FastDenoiser(model, compile=mode)
-    else:
+    if variant == "official":
         set_sdpa(model, False)
-        net = model
+        net: Any = model
+    else:
+        mode = opts.extra.get("sample_compile", "reduce-overhead") if variant == "fast+compile" else False
+        net = FastDenoiser(model, compile=mode)
+    repeats = opts.sample_repeats if variant != "official" else max(2, opts.sample_repeats // 2)
     rows = []
     for batch in batches:
         x0, buffers, noise, _ = _batch(model.config, batch, device)
         with torch.no_grad():
-            latent = net.encode(x0) if fast else model.encode(x0)
+            latent = net.encode(x0) if variant != "official" else model.encode(x0)
             t0 = time.perf_counter()
-            for _ in range(2):  # compile + capture
-                ddim_sample(net, noise, buffers, latent, steps=opts.steps)
+            run: Any = net
+            if variant == "fast+graph":
+                run, cond = GraphedDenoiser(net, buffers, latent, noise), (None, None)
+            else:
+                cond = (buffers, latent)
+            for _ in range(2 if variant == "fast+compile" else 1):  # compile / capture / cuDNN search
+                ddim_sample(run, noise, *cond, steps=opts.steps)
             _sync(device)
             warm = time.perf_counter() - t0
             times = []
-            for _ in range(opts.sample_repeats):
+            for _ in range(repeats):
                 _sync(device)
                 t0 = time.perf_counter()
-                x = ddim_sample(net, noise, buffers, latent, steps=opts.steps)
+                x = ddim_sample(run, noise, *cond, steps=opts.steps)
                 _sync(device)
                 times.append(time.perf_counter() - t0)
-        rows.append({"batch": batch, "seconds": statistics.median(times), "min_s": min(times), "warmup_s": warm,
-                     "finite": bool(torch.isfinite(x).all())})
+        row = {"variant": variant, "batch": batch, "seconds": statistics.median(times), "min_s": min(times),
+               "warmup_s": warm, "finite": bool(torch.isfinite(x).all())}
+        opts.log(json.dumps(row))
+        rows.append(row)
     del model, net
     _peak_reset(device)
     return rows
@@ -237,11 +251,16 @@ def model_section(opts: BenchOptions) -> list[Row]:
         add({"section": "model", "name": f"peak training memory, batch {batch}", "value": ours["peak_alloc_gib"],
              "unit": "GiB", "baseline": base and base["peak_alloc_gib"],
              "notes": f"reserved {ours['peak_reserved_gib']:.1f} GiB (official {base and base['peak_reserved_gib']})"})
-    base_s = bench_ddim(opts, opts.sample_batches, fast=False) if opts.baseline else [None] * len(opts.sample_batches)
-    ours_s = bench_ddim(opts, opts.sample_batches, fast=True)
-    for b, o in zip(base_s, ours_s):
-        add({"section": "model", "name": f"DDIM {opts.steps}, {o['batch']} image(s)", "value": o["seconds"], "unit": "s",
-             "baseline": b and b["seconds"], "speedup": b and b["seconds"] / o["seconds"], "ours": o, "official": b})
+    variants = opts.extra.get("sample_variants") or ("official", "fast+compile")
+    timings = {v: bench_ddim(opts, opts.sample_batches, v) for v in variants if v != "official" or opts.baseline}
+    base_s = timings.get("official", [None] * len(opts.sample_batches))
+    for v, ours_s in timings.items():
+        if v == "official":
+            continue
+        for b, o in zip(base_s, ours_s):
+            add({"section": "model", "name": f"DDIM {opts.steps}, {o['batch']} image(s), {v}", "value": o["seconds"],
+                 "unit": "s", "baseline": b and b["seconds"], "speedup": b and b["seconds"] / o["seconds"],
+                 "ours": o, "official": b})
     return rows
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from .model import DiffusionRig
 from .unet import AttentionBlock
 
-__all__ = ["FastDenoiser", "enable_fast_path", "set_sdpa", "FAST_TOLERANCE"]
+__all__ = ["FastDenoiser", "GraphedDenoiser", "enable_fast_path", "set_sdpa", "FAST_TOLERANCE"]
 
 # Relative L2 error of the fast path against float32 that tests/test_fast.py asserts.
 FAST_TOLERANCE = 2e-2
@@ -69,7 +69,8 @@ class FastDenoiser(nn.Module):
 
     def _autocast(self, device_type: str):
         enabled = self.dtype != torch.float32
-        return torch.autocast(device_type=device_type, dtype=self.dtype, enabled=enabled)
+        # No weight-cast cache: each weight is used once per call, and CUDA-graph capture needs it off.
+        return torch.autocast(device_type=device_type, dtype=self.dtype, enabled=enabled, cache_enabled=False)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
@@ -97,3 +98,32 @@ def enable_fast_path(model: DiffusionRig, compile: bool | str = False, dtype: to
                      channels_last: bool = True) -> FastDenoiser:
     """``FastDenoiser(model, ...)``: a drop-in callable for the samplers and training losses."""
     return FastDenoiser(model, dtype=dtype, compile=compile, channels_last=channels_last)
+
+
+class GraphedDenoiser:
+    """``denoise(x, t)`` replayed from one captured CUDA graph: no per-kernel launch cost.
+
+    Built for a fixed batch shape, buffers and latent (one sampling call); ``net`` is the model or a
+    FastDenoiser. The first calls (cuDNN algorithm search) run on a side stream before capture.
+    """
+
+    def __init__(self, net, buffers: torch.Tensor, latent: torch.Tensor, x_example: torch.Tensor, warmup: int = 2):
+        if x_example.device.type != "cuda":
+            raise ValueError("CUDA graphs need CUDA tensors")
+        self.static_x = x_example.detach().clone()
+        self.static_t = torch.zeros(x_example.shape[0], dtype=torch.long, device=x_example.device)
+        stream = torch.cuda.Stream(device=x_example.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(warmup):
+                net(self.static_x, self.static_t, buffers, latent)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.static_out = net(self.static_x, self.static_t, buffers, latent)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.static_x.copy_(x)
+        self.static_t.copy_(t)
+        self.graph.replay()
+        return self.static_out.clone()

@@ -31,6 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--train-compile", default="default",
                    help="torch.compile mode for training (default, max-autotune-no-cudagraphs, ...)")
     p.add_argument("--sample-compile", default="reduce-overhead", help="torch.compile mode for sampling")
+    p.add_argument("--sample-variants", default="official,fast+graph,fast+compile",
+                   help="DDIM variants to time, from: official, fast, fast+graph, fast+compile")
     p.add_argument("--tiny", action="store_true", help="use the tiny test model (a smoke test, e.g. on a CPU)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
     return p
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         device=device, train_batches=args.train_batches, sample_batches=args.sample_batches, steps=args.steps,
         train_iters=args.iters, baseline=not args.no_baseline and device.startswith("cuda"),
         compile=not args.no_compile, config=ModelConfig.tiny() if args.tiny else None,
-        extra={"train_compile": args.train_compile, "sample_compile": args.sample_compile, "args": vars(args)},
+        extra={"train_compile": args.train_compile, "sample_compile": args.sample_compile,
+               "sample_variants": tuple(v for v in args.sample_variants.split(",") if v), "args": vars(args)},
     )
     rows = bench.run_sections(names, opts)
     print(bench.to_markdown(rows))
