@@ -5,6 +5,7 @@ Node ids and socket types are stored in saved workflows: never rename them.
 """
 from __future__ import annotations
 
+from .demo import DemoPhoto
 from .edit import EditParams
 from .encode import GlobalEncode
 from .extract import DecaExtract
@@ -14,6 +15,6 @@ from .render import BufferRender
 from .sample import RigSample
 
 NODES = [ModelLoader, FaceRigLoader, DecaExtract, BufferRender, EditParams, GlobalEncode, RigSample,
-         Stage2Finetune]
+         Stage2Finetune, DemoPhoto]
 
 __all__ = ["NODES"] + [n.__name__ for n in NODES]

@@ -28,6 +28,7 @@ NODE_IDS = {
     "DiffusionRigGlobalEncode": "DiffusionRig Global Encode",
     "DiffusionRigRigSample": "DiffusionRig Rig Sample",
     "DiffusionRigStage2Finetune": "DiffusionRig Stage 2 Finetune",
+    "DiffusionRigDemoPhoto": "DiffusionRig Demo Photo",
 }
 CUSTOM_TYPES = {"DRIG_MODEL", "DRIG_RIG", "DRIG_PORTRAIT", "DRIG_BUFFERS", "DRIG_LATENT"}
 HOST_TYPES = {"IMAGE", "INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -78,7 +79,7 @@ def _portrait(comfy, n: int = 1, size: int = 64, seed: int = 0):
 # ---------------------------------------------------------------------------------------------
 # Registration and declarations
 # ---------------------------------------------------------------------------------------------
-def test_pack_registers_the_eight_nodes_with_stable_ids_and_one_category_root(comfy):
+def test_pack_registers_its_nodes_with_stable_ids_and_one_category_root(comfy):
     assert {k: c.GET_SCHEMA().display_name for k, c in comfy.nodes.items()} == NODE_IDS
     for cls in comfy.nodes.values():
         assert cls.GET_SCHEMA().category.startswith("DiffusionRig/")

@@ -18,7 +18,7 @@ import torch
 from comfy_shim import REPO, loaded_pack, node_classes
 
 WORKFLOWS = REPO / "workflows"
-NAMES = ["relighting", "mix_and_match", "identity_swap", "expression_pose", "personal_finetune"]
+NAMES = ["relighting", "mix_and_match", "identity_swap", "expression_pose", "personal_finetune", "demo_relighting"]
 UI_ONLY = {"Note", "MarkdownNote"}
 
 
@@ -375,6 +375,11 @@ def world(comfy, tmp_path_factory):
     mods["checkpoint"].save_model(model, models / "tiny.safetensors")
     model.mean_shape = truth["shape"].reshape(1, 100)
     mods["checkpoint"].save_model(model, models / "tiny_personal.safetensors")
+    config = mods["model"].ModelConfig(image_size=128, num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+                                       attention_resolutions=(32,), dropout=0.0)
+    model = mods["model"].DiffusionRig(config)
+    model.mean_shape = torch.zeros(1, 100)
+    mods["checkpoint"].save_model(model, models / "tiny128_personal.safetensors")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mods["detect"], "detect_landmarks", fake_detect)
         yield FakeBuiltins(input_dir)
@@ -390,7 +395,9 @@ def _small(prompt: dict) -> dict:
     prompt = json.loads(json.dumps(prompt))
     for node in prompt.values():
         inputs, kind = node["inputs"], node["class_type"]
-        if kind == "DiffusionRigModelLoader":
+        if kind == "DiffusionRigModelLoader" and inputs["model_name"].startswith("[demo]"):
+            inputs["model_name"] = "tiny128_personal.safetensors"  # the demo photos are 128 px
+        elif kind == "DiffusionRigModelLoader":
             inputs["model_name"] = "tiny_personal.safetensors" if "personal" in inputs["model_name"] else "tiny.safetensors"
         elif kind == "DiffusionRigDECAExtract":
             inputs["size"] = 64
@@ -405,14 +412,16 @@ def _small(prompt: dict) -> dict:
 def test_api_workflow_runs_on_the_synthetic_world_and_saves_images(comfy, world, loader_cache, name):
     _, classes, info = comfy
     world.saved.clear()
-    outputs = run_prompt(_small(_api(name)), classes, info, world, loader_cache)
-    save = next(k for k, n in _api(name).items() if n["class_type"] == "SaveImage")
-    pasted = world.saved[save]
-    portrait = world._read(world.input_dir / "portrait.png")
-    assert tuple(pasted.shape) == tuple(portrait.shape), "the pasted result has the source photo's size"
-    crop = next(v for k, v in world.saved.items() if k != save and v.shape[1:3] == (64, 64))
-    assert crop.shape[0] == 1 and torch.isfinite(crop).all()
-    assert outputs
+    prompt = _small(_api(name))
+    outputs = run_prompt(prompt, classes, info, world, loader_cache)
+    sample = next(k for k, n in prompt.items() if n["class_type"] == "DiffusionRigRigSample")
+    image, pasted = outputs[sample]
+    source, slot = prompt[sample]["inputs"]["portrait"]
+    portrait = outputs[source][slot]
+    assert tuple(image.shape) == (1, portrait.size, portrait.size, 3) and torch.isfinite(image).all()
+    assert tuple(pasted.shape[1:3]) == portrait.original[0].shape[:2], "pasted into the full source photo"
+    save = next(k for k, n in prompt.items() if n["class_type"] == "SaveImage")
+    assert torch.equal(world.saved[save], pasted)
 
 
 def test_finetune_stops_on_cancel_and_writes_no_model(comfy, world):

@@ -42,6 +42,7 @@ BUILTINS = {
 # Models the examples expect in ComfyUI/models/diffusionrig (see workflows/README.md).
 STAGE1 = "stage1_ffhq256.pt"
 PERSONAL = "personal.safetensors"
+DEMO_PERSONAL = "[demo] personal.safetensors"  # shipped in diffusionrig_core/demo_data
 
 
 def _common(photo: str = "portrait.png") -> dict:
@@ -62,11 +63,12 @@ def _edit(**widgets) -> dict:
     return values
 
 
-def _sample_and_save(model: str, buffers: str, latent_image: str, prefix: str, seed: int = 42) -> dict:
+def _sample_and_save(model: str, buffers: str, latent_image: str, prefix: str, seed: int = 42,
+                     aligned_slot: int = 1, portrait: tuple[str, int] = ("extract", 0)) -> dict:
     return {
-        "encode": ("DiffusionRigGlobalEncode", {"model": (model, 0), "image": (latent_image, 1)}, None),
+        "encode": ("DiffusionRigGlobalEncode", {"model": (model, 0), "image": (latent_image, aligned_slot)}, None),
         "sample": ("DiffusionRigRigSample", {"model": (model, 0), "buffers": (buffers, 0), "latent": ("encode", 0),
-                                             "seed": seed, "steps": 20, "eta": 0.0, "portrait": ("extract", 0)}, None),
+                                             "seed": seed, "steps": 20, "eta": 0.0, "portrait": portrait}, None),
         "save": ("SaveImage", {"images": ("sample", 1), "filename_prefix": prefix}, "Save pasted photo"),
         "crop": ("PreviewImage", {"images": ("sample", 0)}, "Edited crop"),
     }
@@ -141,6 +143,22 @@ def _personal_finetune() -> dict:
     return g
 
 
+def _demo_relighting() -> dict:
+    g = {
+        "rig": ("DiffusionRigFaceRigLoader", {"assets": "synthetic demo"}, None),
+        "demo": ("DiffusionRigDemoPhoto", {"rig": ("rig", 0), "sample": 0}, None),
+        "photo": ("PreviewImage", {"images": ("demo", 0)}, "Demo photo"),
+        "model": ("DiffusionRigModelLoader", {"model_name": DEMO_PERSONAL}, None),
+        "edit": ("DiffusionRigEditParams", {"portrait": ("demo", 1), "personal_model": ("model", 0), **_edit(
+            light_mode="direction", light_x=-0.7, light_y=0.3, light_z=0.6, shape_mode="personal model mean")},
+            "New light"),
+        "render": ("DiffusionRigBufferRender", {"rig": ("rig", 0), "portrait": ("edit", 0)}, None),
+    }
+    g.update(_sample_and_save("model", "render", "demo", "diffusionrig/demo_relight", aligned_slot=2,
+                              portrait=("demo", 1)))
+    return g
+
+
 # name -> (graph, note shown in the editor)
 WORKFLOWS = {
     "relighting": (_relight, "Relight a photo with a directional light (direction, intensity, colour in Edit "
@@ -159,6 +177,9 @@ WORKFLOWS = {
                                               "(put them in ComfyUI/input/diffusionrig_album), save it as "
                                               "models/diffusionrig/personal.safetensors, then use it on a photo. "
                                               "5000 steps take about 30 min on a V100."),
+    "demo_relighting": (_demo_relighting, "Try it with nothing downloaded: relight a photo of the synthetic face "
+                                          "world with the demo person's personal model shipped in the pack. Change "
+                                          "'sample' for other photos, the light in Edit Params."),
 }
 
 
