@@ -351,18 +351,20 @@ def demo_assets_dir() -> Path:
 def load_model(path: PathLike, device: torch.device | str | None = None):
     """A DiffusionRig model (official ``.pt`` or our ``.safetensors``), in eval mode on ``device``.
 
-    ``"demo"`` = the synthetic world's small demo model. Anything that is not a model (an optimizer
-    state, a truncated file, another network) raises CheckpointError saying so.
+    ``"demo"`` = the synthetic world's generic demo model, ``"demo:personal"`` its demo person's
+    personal model. Anything that is not a model (an optimizer state, a truncated file, another
+    network) raises CheckpointError saying so.
     """
     from . import checkpoint
 
     device = _device(device)
-    if str(path) == "demo":
+    if is_demo_name(path):
         from . import synthetic
 
         if not hasattr(synthetic, "demo_model_path"):
             raise CheckpointError("this installation has no demo model; give the path of a DiffusionRig model")
-        path = synthetic.demo_model_path()
+        kind = str(path).partition(":")[2] or "stage1"
+        path = synthetic.demo_model_path(kind)
     if not Path(path).exists():
         raise CheckpointError(f"model file {path} does not exist; give the path of a .pt or .safetensors model")
     try:
@@ -377,6 +379,11 @@ def load_model(path: PathLike, device: torch.device | str | None = None):
             "give a model checkpoint (modelNNNNNN.pt or .safetensors), not an optimizer state or other file"
         ) from exc
     return model.eval()
+
+
+def is_demo_name(path: Any) -> bool:
+    """``"demo"`` (the synthetic world's generic model) or ``"demo:KIND"`` (e.g. ``demo:personal``)."""
+    return isinstance(path, str) and (path == "demo" or path.startswith("demo:"))
 
 
 def check_model(model, size: int | None = None) -> None:

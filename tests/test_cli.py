@@ -125,3 +125,15 @@ def test_bad_files_exit_with_a_clear_message(photos, tmp_path, capsys):
 def test_a_swap_model_of_another_size_is_refused(photos, tmp_path, capsys):
     assert run(*edit_args(photos, tmp_path / "swap", "--swap-model", W.model_file(32))) == 2
     assert "32 px" in capsys.readouterr().err
+
+
+def test_the_demo_model_edits_a_demo_photo_without_any_assets_option(tmp_path, capsys):
+    from diffusionrig_core import synthetic
+
+    if not (hasattr(synthetic, "demo_available") and synthetic.demo_available()):
+        pytest.skip("the demo models are not built in this checkout (diffusionrig demo build)")
+    photo = next(iter(synthetic.write_demo_samples(tmp_path / "samples", photos_each=1).values()))
+    out = tmp_path / "demo"
+    assert run("edit", photo, "--model", "demo:personal", "--device", "cpu", "--steps", "ddim2", "--yaw", "10",
+               "--seed", "0", "--quiet", "--out", out) == 0
+    assert "seed 0" in capsys.readouterr().out and (out / "contact_sheet.png").is_file()

@@ -56,7 +56,8 @@ def _add_edit(subparsers) -> None:
         epilog=EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="source photo(s): JPEG, PNG, WebP, ...")
     p.add_argument("--model", "-m", required=True, metavar="M",
-                   help="DiffusionRig model: official modelNNNNNN.pt or our .safetensors; 'demo' = the synthetic demo model")
+                   help="DiffusionRig model: official modelNNNNNN.pt or our .safetensors; 'demo' = the synthetic "
+                        "world's generic demo model, 'demo:personal' = its demo person's personal model")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created if missing)")
     _common(p)
 
@@ -202,8 +203,8 @@ def run_edit(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pipeline._device(args.device)
-    if args.model == "demo" and args.assets is None:
-        args.assets = "demo"
+    if pipeline.is_demo_name(args.model) and args.assets is None:
+        args.assets = "demo"  # the demo models were trained on the demo world's face rig
     # every option error before any heavy work (loading models, fitting photos)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
