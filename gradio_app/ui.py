@@ -164,6 +164,14 @@ def build(engine: Engine) -> gr.Blocks:
                     "the same person (Ding et al., CVPR 2023).")
         banner = gr.Markdown(H.demo_banner(engine), visible=engine.demo, elem_id="demo-banner")
         model_dropdowns: list[gr.Dropdown] = []
+        galleries: list[tuple[gr.Gallery, gr.Image]] = []  # demo sample people -> the photo box they fill
+
+        def samples_for(target: gr.Image, what: str = "edit it", **kwargs: Any) -> gr.Gallery:
+            gallery = gr.Gallery(label=f"Sample people — click one to {what}", columns=6, height=130,
+                                 allow_preview=False, visible=engine.demo, object_fit="cover",
+                                 elem_classes=["samples"], **kwargs)
+            galleries.append((gallery, target))
+            return gallery
 
         with gr.Tabs():
             # ---------------------------------------------------------------- Edit
@@ -171,9 +179,7 @@ def build(engine: Engine) -> gr.Blocks:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=5):
                         photo = _photo("Photo", elem_id="photo", height=300)
-                        samples = gr.Gallery(label="Sample people — click one to edit it", columns=6,
-                                             height=140, allow_preview=False, visible=engine.demo,
-                                             elem_id="samples", object_fit="cover")
+                        samples = samples_for(photo, elem_id="samples")
                         with gr.Row():
                             model = _model_dropdown(engine, info="whose prior renders the edit")
                             refresh = gr.Button("↻", scale=0, min_width=40)
@@ -204,6 +210,7 @@ def build(engine: Engine) -> gr.Blocks:
                                                      label="Expression strength")
                         with gr.Accordion("Take from a reference photo", open=False):
                             reference = _photo("Reference photo", height=200)
+                            samples_for(reference, "use it as the reference")
                             take_from = gr.CheckboxGroup(list(H.TAKE_FROM), value=[],
                                                          label="Take from the reference")
                         seed, random_seed, steps = _seed_row(engine)
@@ -275,8 +282,12 @@ def build(engine: Engine) -> gr.Blocks:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=5):
                         with gr.Row():
-                            mix_photo = _photo("Face from", height=240)
-                            mix_code = _photo("Look (global code) from", height=240)
+                            with gr.Column():
+                                mix_photo = _photo("Face from", height=240)
+                                samples_for(mix_photo, "take the face")
+                            with gr.Column():
+                                mix_code = _photo("Look (global code) from", height=240)
+                                samples_for(mix_code, "take the look")
                         mix_model = _model_dropdown(engine)
                         model_dropdowns.append(mix_model)
                         mix_seed, mix_random, mix_steps = _seed_row(engine)
@@ -301,6 +312,7 @@ def build(engine: Engine) -> gr.Blocks:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=5):
                         swap_photo = _photo("Photo", height=240)
+                        samples_for(swap_photo)
                         with gr.Row():
                             swap_model = _model_dropdown(engine, "This photo's model")
                             swap_other = _model_dropdown(engine, "Render as (another person's model)")
@@ -332,6 +344,7 @@ def build(engine: Engine) -> gr.Blocks:
                                               type="filepath", height=200)
                         album_base = _model_dropdown(engine, "Start from (a generic Stage 1 model)")
                         model_dropdowns.append(album_base)
+                        album_sample = gr.Button("Use a sample person's photos", visible=engine.demo, size="sm")
                         album_check = gr.Button("Check photos")
                         album_summary = gr.Markdown(label="Summary")
                         album_rejected = gr.Dataframe(headers=["photo", "why it cannot be used"],
@@ -407,9 +420,10 @@ def build(engine: Engine) -> gr.Blocks:
             return [(str(p), name) for name, p in engine.sample_photos().items()]
 
         def on_load(*current):
-            return [*refresh_models(*current), H.setup_report(engine), sample_items()]
+            items = sample_items()
+            return [*refresh_models(*current), H.setup_report(engine), *([items] * len(galleries))]
 
-        demo.load(_guard(on_load), model_dropdowns, [*model_dropdowns, setup_md, samples],
+        demo.load(_guard(on_load), model_dropdowns, [*model_dropdowns, setup_md, *(g for g, _ in galleries)],
                   api_visibility="private")
         refresh.click(_guard(refresh_models), model_dropdowns, model_dropdowns, api_visibility="private")
 
@@ -424,7 +438,16 @@ def build(engine: Engine) -> gr.Blocks:
             photos = list(engine.sample_photos().values())
             return str(photos[evt.index]) if 0 <= evt.index < len(photos) else None
 
-        samples.select(pick_sample, None, photo, api_visibility="private").then(
-            api_visibility="private", **preview_kw)
+        for gallery, target in galleries:
+            event = gallery.select(pick_sample, None, target, api_visibility="private")
+            if target in (photo, reference):
+                event.then(api_visibility="private", **preview_kw)
+
+        def sample_album():
+            # the first sample person's photos: enough to try the album check and a short Stage 2
+            first = next(iter(engine.sample_photos().values()), None)
+            return [str(p) for p in engine.sample_photos().values() if first is not None and p.parent == first.parent]
+
+        album_sample.click(_guard(sample_album), None, album_files, api_visibility="private")
         del banner
     return demo

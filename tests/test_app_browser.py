@@ -80,7 +80,7 @@ def _edit_and_wait(page) -> str:
     before = page.locator("#result img").count()
     page.locator("#run-edit").click()
     page.locator("#result img").nth(1 if before == 0 else 0).wait_for()
-    page.get_by_text("Seed ").first.wait_for()
+    page.locator(".dr-info", has_text="DDIM steps").first.wait_for()
     return page.locator("#result img").last.get_attribute("src") or ""
 
 
