@@ -37,6 +37,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format in our fast path")
     p.add_argument("--tiny", action="store_true", help="use the tiny test model (a smoke test, e.g. on a CPU)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
+    if "quality" not in bench.SECTIONS:
+        # the ground-truth benchmark prints its own table (PSNR/SSIM/identity, not timings)
+        p.add_argument("--quality", action="store_true",
+                       help="edit held-out synthetic photos with the demo models and compare with the true "
+                            "re-renders (PSNR, SSIM, identity); --tiny: a seconds-long smoke test")
+        p.add_argument("--invert", action="store_true", help="quality: start from the DDIM-inverted source")
     return p
 
 
@@ -48,6 +54,16 @@ def run(args: argparse.Namespace) -> int:
     from .. import bench
     from ..model import ModelConfig
 
+    if getattr(args, "quality", False):
+        from .demo import run_quality
+
+        args.cases, args.stage1, args.personal = None, None, None
+        if args.steps == "ddim20" and args.tiny:
+            args.steps = None  # the tiny preset's own step count
+        run_quality(args)
+        if not any(getattr(args, n, False) for n in bench.SECTIONS):
+            return 0
+        args.json = None  # the quality rows were written there
     names = [n for n in sorted(bench.SECTIONS) if getattr(args, n, False)] or sorted(bench.SECTIONS)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = bench.BenchOptions(

@@ -22,6 +22,8 @@ _EXPORTS = {
     "frame_photo": "photos", "render_photo": "photos", "save_photo": "photos", "write_album": "photos",
     "write_heldout": "photos", "write_world": "photos", "load_world": "photos", "photo_paths": "photos",
     "load_sidecar": "photos", "Sidecar": "photos", "edited_params": "photos", "EDIT_MODES": "photos",
+    "demo_model_paths": "demo", "demo_model_path": "demo", "demo_available": "demo", "demo_world": "demo",
+    "demo_person": "demo", "write_demo_samples": "demo", "build_demo": "demo", "DemoBuildConfig": "demo",
 }
 
 __all__ = sorted(_EXPORTS)
