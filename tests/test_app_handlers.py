@@ -172,6 +172,19 @@ def test_setup_report_names_every_asset_the_models_and_the_demo_mode(engine):
     assert "Synthetic demo" in H.demo_banner(engine)
 
 
+def test_with_assets_and_a_model_the_app_leaves_demo_mode_and_finds_models(world, tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    (models / "people").mkdir(parents=True)
+    (models / "people" / "bob.safetensors").symlink_to(world.models["demo: tiny B"])
+    (models / "deca_model.tar").write_bytes(b"not a DiffusionRig model")
+    monkeypatch.setenv("DIFFUSIONRIG_MODELS", str(models))
+    eng = Engine(AppConfig(assets_dir=world.assets_dir, model=world.models["demo: tiny A"], work_dir=tmp_path / "w"))
+    assert not eng.demo and eng.sample_photos() == {} and H.demo_banner(eng) == ""
+    assert list(eng.model_choices()) == ["tiny_0.safetensors (given)", "people/bob.safetensors"]
+    out = H.run_edit(eng, world.photos["Person 1 · 1"], None, H.EditSettings(yaw=5), steps=2)
+    assert "tiny_0.safetensors (given)" in out.info
+
+
 def test_demo_mode_is_chosen_when_no_real_assets_are_found(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSIONRIG_MODELS", str(tmp_path / "models"))
     assert Engine(AppConfig(assets_dir=tmp_path / "empty")).demo

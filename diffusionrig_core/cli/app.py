@@ -15,20 +15,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve the DiffusionRig app: edit light, expression and pose of a photo, fine-tune a "
                     "personal model from an album, mix and swap. Without real FLAME/DECA assets it runs on "
                     "the built-in synthetic demo world.")
-    p.add_argument("--host", default=None,
+    p.add_argument("--host", default=None, metavar="ADDR",
                    help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 serves your network)")
-    p.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
+    p.add_argument("--port", type=int, default=None, metavar="N", help="port (default $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--share", action="store_true", help="also make a temporary public gradio.live link")
-    p.add_argument("--model", type=Path, default=None, help="model to select first (.safetensors or official .pt)")
+    p.add_argument("--model", type=Path, default=None, metavar="PATH", help="model to select first (.safetensors or official .pt)")
     p.add_argument("--models-dir", type=Path, action="append", default=[], metavar="DIR",
                    help="another folder of models to offer (repeatable)")
     p.add_argument("--assets", type=Path, default=None, metavar="DIR",
                    help="FLAME/DECA assets folder (default: $DIFFUSIONRIG_ASSETS or ~/.local/share/diffusionrig/assets)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the GPU if there is one)")
+    p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda, cuda:1, mps (default: the GPU if there is one)")
     p.add_argument("--demo", action="store_true", help="use the synthetic demo world even if real assets exist")
-    p.add_argument("--concurrency", type=int, default=None,
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="edits run at once; the others wait in a queue (default 1)")
-    p.add_argument("--work-dir", type=Path, default=None,
+    p.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
                    help="where results and personal models are written (default: a temporary folder)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     return p
