@@ -189,7 +189,7 @@ def bench_ddim(opts: BenchOptions, batches: tuple[int, ...], variant: str) -> li
         net: Any = model
     else:
         mode = opts.extra.get("sample_compile", "reduce-overhead") if variant == "fast+compile" else False
-        net = FastDenoiser(model, compile=mode, channels_last=opts.extra.get("channels_last", True))
+        net = FastDenoiser(model, compile=mode, channels_last=opts.extra.get("channels_last"))
     repeats = opts.sample_repeats if variant != "official" else max(2, opts.sample_repeats // 2)
     rows = []
     for batch in batches:

@@ -34,7 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--sample-variants", default="official,fast+graph,fast+compile",
                    help="DDIM variants to time, from: official, fast, fast+graph, fast+compile")
     p.add_argument("--repeats", type=int, default=5, help="timed DDIM runs per measurement (median reported)")
-    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format in our fast path")
+    p.add_argument("--channels-last", choices=("auto", "yes", "no"), default="auto",
+                   help="memory format of our fast path (auto: channels_last only when compiled)")
     p.add_argument("--tiny", action="store_true", help="use the tiny test model (a smoke test, e.g. on a CPU)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
     if "quality" not in bench.SECTIONS:
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         device=device, train_batches=args.train_batches, sample_batches=args.sample_batches, steps=args.steps,
         train_iters=args.iters, sample_repeats=args.repeats, baseline=not args.no_baseline and device.startswith("cuda"),
         compile=not args.no_compile, config=ModelConfig.tiny() if args.tiny else None,
-        extra={"train_compile": args.train_compile, "sample_compile": args.sample_compile, "channels_last": not args.no_channels_last,
+        extra={"train_compile": args.train_compile, "sample_compile": args.sample_compile, "channels_last": {"auto": None, "yes": True, "no": False}[args.channels_last],
                "sample_variants": tuple(v for v in args.sample_variants.split(",") if v), "args": vars(args)},
     )
     rows = bench.run_sections(names, opts)
