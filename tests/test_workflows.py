@@ -354,8 +354,12 @@ def world(comfy, tmp_path_factory):
     first = np.asarray(Image.open(album[0]).convert("RGB"))
     template = _aligned_template(mods["align"], known[first.tobytes()])
 
+    no_face = importlib.import_module(f"{core.__name__}.errors").NoFaceError
+
     def fake_detect(image, backend="dlib", upsample=1, device="cpu"):
         image = np.ascontiguousarray(np.asarray(image)[..., :3])
+        if image.std() < 1.0:
+            raise no_face("no face found (a blank image)")
         if image.tobytes() in known:
             return [known[image.tobytes()].copy()]
         return [template * image.shape[0] - 0.5]  # an aligned crop: the faces sit where FFHQ puts them
@@ -439,3 +443,19 @@ def test_finetune_stops_on_cancel_and_writes_no_model(comfy, world):
                                                       overwrite=[False])
     models = Path(folder_paths.get_folder_paths("diffusionrig")[-1])
     assert not (models / "cancelled.safetensors").exists()
+
+
+def test_deca_extract_names_the_photo_without_a_face_or_skips_it(comfy, world, loader_cache):
+    pack, classes, info = comfy
+    errors = importlib.import_module(f"{pack.__name__}.diffusionrig_core.errors")
+    rig = classes["DiffusionRigFaceRigLoader"].execute(assets="diffusionrig_assets").args[0]
+    photo = world._read(world.input_dir / "portrait.png")
+    batch = torch.cat([torch.full_like(photo, 0.5), photo])
+    extract = classes["DiffusionRigDECAExtract"]
+    with pytest.raises(errors.NoFaceError, match="image 1 of 2"), torch.inference_mode():
+        extract.execute(rig=rig, image=batch, size=64, align=True, face_index=0, on_no_face="error")
+    with torch.inference_mode():
+        portrait, aligned = extract.execute(rig=rig, image=batch, size=64, align=True, face_index=0,
+                                            on_no_face="skip").args
+    assert len(portrait) == 1 and tuple(aligned.shape) == (1, 64, 64, 3)
+    assert portrait.original[0].shape == (128, 128, 3)
