@@ -10,7 +10,6 @@ import functools
 import inspect
 import logging
 import traceback
-from dataclasses import asdict
 from typing import Any, Callable
 
 import gradio as gr
@@ -42,11 +41,23 @@ def _user_error(exc: BaseException) -> gr.Error:
         return gr.Error(_sentence(exc), title=_title(exc), print_exception=False)
     name = type(exc).__name__
     if "OutOfMemory" in name or isinstance(exc, MemoryError):
+        _free_gpu_memory()
         return gr.Error("The machine ran out of memory for this request. Try fewer steps or a smaller "
                         "photo, or wait until other edits are finished.", title="Out of memory")
     log.error("unexpected error in the app:\n%s", "".join(traceback.format_exception(exc)))
     return gr.Error(f"Something went wrong ({name}: {exc}). The app is still running; please try again, "
-                    "and report the problem if it persists.", title="Unexpected error")
+                    "and report the problem if it persists.", title="Unexpected error", print_exception=False)
+
+
+def _free_gpu_memory() -> None:
+    # what a failed request allocated is garbage now; hand it back so the next request fits
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _sentence(exc: BaseException) -> str:
@@ -124,33 +135,29 @@ def _model_dropdown(engine: Engine, label: str = "Model", info: str | None = Non
 
 
 def _seed_row(engine: Engine):
-    with gr.Row():
+    with gr.Row(equal_height=True):
         seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed",
-                         info="shown after each run; untick 'Random' to reuse it")
-        random_seed = gr.Checkbox(value=True, label="Random seed")
-        steps = gr.Slider(2, engine.config.max_steps, value=engine.config.default_steps, step=1,
-                          label="Steps", info="DDIM steps: more = slower, a little finer")
+                         info="shown after each run; untick 'Random seed' to reuse it", scale=3)
+        random_seed = gr.Checkbox(value=True, label="Random seed", scale=1)
+    steps = gr.Slider(2, engine.config.max_steps, value=engine.config.default_steps, step=1,
+                      label="Steps", info="DDIM steps: more are slower and a little finer")
     return seed, random_seed, steps
 
 
-def _result_column(with_buffers: bool = True):
-    compare = gr.ImageSlider(label="Before / after (drag the handle)", type="numpy", elem_id="result")
+def _result_column(prefix: str = ""):
+    """Before/after, info line, buffers, pasted photo, downloads; element ids ``{prefix}result`` etc."""
+    compare = gr.ImageSlider(label="Before / after (drag the handle)", type="numpy", elem_id=f"{prefix}result")
     info = gr.Markdown(label="Info", elem_classes=["dr-info"])
-    buffers = (gr.Gallery(label="Physical buffers of the edit (rendered, normal, albedo)", columns=3,
-                          height=220, object_fit="contain", allow_preview=True, elem_id="buffers")
-               if with_buffers else None)
+    buffers = gr.Gallery(label="Physical buffers of the edit (rendered, normal, albedo)", columns=3,
+                         height=220, object_fit="contain", allow_preview=True, elem_id=f"{prefix}buffers")
     pasted = gr.Image(label="Pasted back into the full photo", type="numpy", interactive=False,
-                      elem_id="pasted")
+                      elem_id=f"{prefix}pasted")
     files = gr.File(label="Downloads", file_count="multiple", interactive=False)
     return compare, info, buffers, pasted, files
 
 
-def _edit_outputs(out: H.EditOutput, with_buffers: bool = True) -> tuple:
-    values = [(out.before, out.after), out.info]
-    if with_buffers:
-        values.append(out.buffers)
-    values += [out.pasted, out.files, out.seed]
-    return tuple(values)
+def _edit_outputs(out: H.EditOutput) -> tuple:
+    return (out.before, out.after), out.info, out.buffers, out.pasted, out.files, out.seed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +186,7 @@ def build(engine: Engine) -> gr.Blocks:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=5):
                         photo = _photo("Photo", elem_id="photo", height=300)
-                        samples = samples_for(photo, elem_id="samples")
+                        samples_for(photo, elem_id="samples")
                         with gr.Row():
                             model = _model_dropdown(engine, info="whose prior renders the edit")
                             refresh = gr.Button("↻", scale=0, min_width=40)
@@ -229,8 +236,8 @@ def build(engine: Engine) -> gr.Blocks:
                     return H.EditSettings(**dict(zip(names, values)))
 
                 @_guard
-                def do_edit(photo, model=None, light_mode=H.LIGHT_MODES[0], azimuth=0.0, elevation=0.0, intensity=1.0,
-                            color="#ffffff", preset=None, yaw=0.0, pitch=0.0, roll=0.0, jaw_open=0.0,
+                def do_edit(photo, model=None, light_mode=H.LIGHT_MODES[0], azimuth=0.0, elevation=0.0,
+                            intensity=1.0, color="#ffffff", preset=None, yaw=0.0, pitch=0.0, roll=0.0, jaw_open=0.0,
                             expression_strength=1.0, take_from=None, reference=None, seed=None,
                             random_seed=True, steps=None, invert=False, progress=gr.Progress()):
                     s = _settings([light_mode, azimuth, elevation, intensity, color, preset, yaw, pitch, roll,
@@ -293,10 +300,11 @@ def build(engine: Engine) -> gr.Blocks:
                         mix_seed, mix_random, mix_steps = _seed_row(engine)
                         mix_run = gr.Button("Mix", variant="primary")
                     with gr.Column(scale=5):
-                        m_compare, m_info, m_buffers, m_pasted, m_files = _result_column()
+                        m_compare, m_info, m_buffers, m_pasted, m_files = _result_column("mix-")
 
                 @_guard
-                def do_mix(photo, code_photo, model=None, seed=None, random_seed=True, steps=None, progress=gr.Progress()):
+                def do_mix(photo, code_photo, model=None, seed=None, random_seed=True, steps=None,
+                           progress=gr.Progress()):
                     out = H.run_mix(engine, photo, code_photo, model, seed, random_seed, steps,
                                     progress=_progress(progress))
                     return _edit_outputs(out)
@@ -320,7 +328,7 @@ def build(engine: Engine) -> gr.Blocks:
                         swap_seed, swap_random, swap_steps = _seed_row(engine)
                         swap_run = gr.Button("Swap", variant="primary")
                     with gr.Column(scale=5):
-                        s_compare, s_info, s_buffers, s_pasted, s_files = _result_column()
+                        s_compare, s_info, s_buffers, s_pasted, s_files = _result_column("swap-")
 
                 @_guard
                 def do_swap(photo, model=None, other_model=None, seed=None, random_seed=True, steps=None,
@@ -362,7 +370,8 @@ def build(engine: Engine) -> gr.Blocks:
                             album_stop = gr.Button("Stop", variant="stop")
                     with gr.Column(scale=6):
                         album_gallery = gr.Gallery(label="Aligned crops with their buffers (photo, rendered / "
-                                                   "normal, albedo)", columns=4, height="auto", object_fit="contain")
+                                                   "normal, albedo)", columns=4, height="auto",
+                                                   object_fit="contain")
                         train_status = gr.Markdown(label="Status")
                         train_plot = gr.LinePlot(x="step", y="loss", title="Training loss", label="Training loss",
                                                  height=220)
@@ -446,7 +455,8 @@ def build(engine: Engine) -> gr.Blocks:
         def sample_album():
             # the first sample person's photos: enough to try the album check and a short Stage 2
             first = next(iter(engine.sample_photos().values()), None)
-            return [str(p) for p in engine.sample_photos().values() if first is not None and p.parent == first.parent]
+            return [str(p) for p in engine.sample_photos().values()
+                    if first is not None and p.parent == first.parent]
 
         album_sample.click(_guard(sample_album), None, album_files, api_visibility="private")
         del banner
