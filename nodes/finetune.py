@@ -88,7 +88,7 @@ class Stage2Finetune(io.ComfyNode):
         out.parent.mkdir(parents=True, exist_ok=True)
         with glue.autograd_on():
             model = glue.core().finetune(base_model, photos, rig, steps=steps, out_path=out, align=align,
-                                         batch_size=batch_size,
+                                         batch_size=batch_size, device=glue.compute_device(),
                                          callback=glue.progress_callback(steps))
         glue.free_cache()
         return io.NodeOutput(model, ui={"text": [f"saved {out.name} ({len(photos)} photos, {steps} steps)"]})
