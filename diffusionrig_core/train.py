@@ -520,6 +520,14 @@ class Trainer:
         self.config, self.out_dir = config, Path(out_dir)
         self.base, self.progress, self.callback = base, progress, callback
         self.ctx = _init_distributed(config.device)
+        try:
+            self._setup(dataset_path, model_path, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, dataset_path: PathLike, model_path: PathLike | None, resume: bool) -> None:
+        config = self.config
         self.device = _pick_device(config, self.ctx)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -528,6 +536,10 @@ class Trainer:
         self.model_path = Path(model_path) if model_path is not None else self.out_dir / default_name
         if self.ctx.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:  # starting over: the old run's checkpoints must never be mistaken for this one's
+                (self.out_dir / "latest.json").unlink(missing_ok=True)
+                shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
+                (self.out_dir / "log.csv").unlink(missing_ok=True)
         _barrier(self.ctx)
         self.ck_dir = find_checkpoint(self.out_dir, verbose=self.ctx.main) if resume else None
         self.step = 0
@@ -615,6 +627,13 @@ class Trainer:
                 raise TrainingError(
                     f"cannot resume {self.out_dir}: it was trained with {key}={saved[key]!r}, now {getattr(self.config, key)!r}; "
                     "use the same settings or a new output folder"
+                )
+        saved_run, now = state.get("run", {}), self._identity()
+        for key, what in (("base", "base model"), ("dataset", "dataset")):
+            if key in saved_run and saved_run[key] != now[key]:
+                raise TrainingError(
+                    f"cannot resume {self.out_dir}: its checkpoints come from another {what} "
+                    f"({saved_run[key]!r}, now {now[key]!r}); start over (--fresh / resume=False) or use a new output folder"
                 )
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
@@ -717,6 +736,12 @@ class Trainer:
             meta["final_loss"] = float(np.mean(self.losses[-max(1, self.config.log_interval):]))
         return meta
 
+    def _identity(self) -> dict[str, Any]:
+        """What a checkpoint belongs to: the base model's file name and the dataset's item names."""
+        names = hashlib.sha256("\n".join(self.dataset.names).encode()).hexdigest()[:16]
+        return {"base": Path(self.base).name if self.base is not None else None,
+                "dataset": f"{len(self.dataset)} items {names}"}
+
     def _sync_ema_buffers(self) -> None:
         if self.ema is not None:
             for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
@@ -755,6 +780,7 @@ class Trainer:
                 "epoch": epoch, "batch_in_epoch": offset, "world_size": self.ctx.world,
                 "global_batch": self.global_batch, "config": self.config.to_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": rngs, "losses": list(self.losses),
+                "run": self._identity(),
             }
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -894,7 +920,8 @@ def train(config: TrainConfig, dataset_path: PathLike | RigDataset, out_dir: Pat
 
     ``dataset_path``: a dataset folder (``build_dataset``/``import_official_lmdb``). ``out_dir`` holds
     checkpoints, ``log.csv``, ``loss.png`` and (by default) the final model; with ``resume`` a run
-    continues from the newest valid checkpoint there. ``base``: the model to start from (required
+    continues from the newest valid checkpoint there, without it the folder's old checkpoints are
+    deleted and training starts over. ``base``: the model to start from (required
     for Stage 2; official ``.pt`` or ours). ``callback(step, loss)`` is called after every update
     and may raise to cancel the run; the last checkpoint stays valid. Launch with
     ``torchrun --nproc_per_node N`` for several GPUs.

@@ -304,3 +304,11 @@ def test_finetune_command_turns_a_folder_of_photos_into_a_personal_model(tmp_pat
     # a second call finds the finished run and the built album and just rewrites the model
     assert main(["finetune", str(tmp_path / "album"), "--base", str(base), "--out", str(out), "--tiny",
                  "--steps", "2", "--quiet", "--assets", str(assets), "--size", str(SIZE)]) == 0
+
+
+def test_a_run_folder_refuses_to_resume_with_another_album(tmp_path, data, base):
+    cfg = TrainConfig.tiny(2, max_steps=1)
+    train(cfg, data["six"], tmp_path / "w", base=base, progress=False)
+    with pytest.raises(TrainingError, match="another dataset"):
+        train(TrainConfig.tiny(2, max_steps=2), data["two"], tmp_path / "w", base=base, progress=False)
+    train(TrainConfig.tiny(2, max_steps=1), data["two"], tmp_path / "w", base=base, progress=False, resume=False)
