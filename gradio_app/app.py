@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import importlib
 import os
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from diffusionrig_core.errors import AssetError, CheckpointError, DiffusionRigError, InputError
+from diffusionrig_core.errors import AssetError, CheckpointError, InputError
 
 log = logging.getLogger("diffusionrig.app")
 
@@ -110,65 +109,18 @@ class DemoWorld:
 
 
 def load_demo_world(folder: Path) -> DemoWorld:
-    """The synthetic demo world: its face-rig assets, a few sample people's photos (written into
-    ``folder``, with their ``.params.json`` sidecars) and the demo model(s)."""
+    """The synthetic demo world of ``diffusionrig_core.synthetic.demo_world``: its face-rig assets,
+    sample people's photos (written into ``folder``, with their ``.params.json`` sidecars) and the
+    demo models (absent from a checkout that has not built them: the Setup tab then says so)."""
     try:
-        synthetic = importlib.import_module("diffusionrig_core.synthetic")
-    except ModuleNotFoundError as exc:
+        from diffusionrig_core.synthetic import demo_world
+    except (ImportError, AttributeError) as exc:
         raise CheckpointError(
-            "this installation has no synthetic demo world (diffusionrig_core.synthetic is missing); "
+            "this installation has no synthetic demo world (diffusionrig_core.synthetic.demo_world); "
             "configure real assets and a model as the Setup tab explains") from exc
-    if hasattr(synthetic, "demo_world"):
-        world = synthetic.demo_world(folder)
-        photos, models, assets = world.photos, getattr(world, "models", {}), world.assets_dir
-    else:
-        from diffusionrig_core import pipeline
-
-        assets = pipeline.demo_assets_dir()
-        photos = _cached_demo_photos(synthetic, Path(assets), folder)
-        models = {}
-        try:
-            models["demo model"] = synthetic.demo_model_path()
-        except (AttributeError, OSError, DiffusionRigError):  # not trained/shipped in this checkout
-            pass
-    if not isinstance(photos, dict):
-        photos = {Path(p).stem: Path(p) for p in photos}
-    if not isinstance(models, dict):
-        models = {Path(p).stem: Path(p) for p in models}
-    return DemoWorld(Path(assets), {str(k): Path(v) for k, v in photos.items()},
-                     {k if k.startswith("demo") else f"demo: {k}": Path(v) for k, v in models.items()})
-
-
-DEMO_PEOPLE, DEMO_PHOTOS_EACH, DEMO_SEED, DEMO_SIZE = 4, 2, 7, 256
-
-
-def _cached_demo_photos(synthetic, assets: Path, folder: Path) -> dict[str, Path]:
-    """The sample people's photos: drawn once into the user cache (it takes a while on a CPU), then
-    copied with their sidecars into ``folder``, which the app may serve. The cache is keyed on the
-    demo head model's content, because photos are only valid with the rig that drew them."""
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    rig_key = file_digest(assets / "generic_model.pkl")[:12]
-    cache = (cache_home / "diffusionrig"
-             / f"demo_photos_{rig_key}_p{DEMO_PEOPLE}x{DEMO_PHOTOS_EACH}_s{DEMO_SEED}_{DEMO_SIZE}")
-    if not (cache / ".complete").exists():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache.parent))
-        for i, person in enumerate(synthetic.sample_people(DEMO_PEOPLE, seed=DEMO_SEED)):
-            synthetic.write_album(tmp / f"person{i + 1}", person, n=DEMO_PHOTOS_EACH, size=DEMO_SIZE)
-        (tmp / ".complete").write_text("ok")
-        shutil.rmtree(cache, ignore_errors=True)  # an interrupted earlier run
-        try:
-            os.replace(tmp, cache)
-        except OSError:  # another app process finished first; its copy is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.copytree(cache, folder)
-    photos = {}
-    for i in range(DEMO_PEOPLE):
-        for j, path in enumerate(sorted((folder / f"person{i + 1}").glob("*.png"))):
-            photos[f"Person {i + 1} · {j + 1}"] = path
-    return photos
+    world = demo_world(folder)
+    return DemoWorld(Path(world.assets_dir), {str(k): Path(v) for k, v in world.photos.items()},
+                     {k if k.startswith("demo") else f"demo: {k}": Path(v) for k, v in world.models.items()})
 
 
 def file_digest(path: str | Path) -> str:

@@ -298,7 +298,9 @@ def _sampling_progress(progress: Progress | None, what: str) -> Callable[[int, i
 
 def _run(engine: Engine, kind: str, photo: Any, model_choice: str | None, edit, seed: Any, random_seed: bool,
          steps: Any, invert: bool, settings: dict[str, Any], progress: Progress | None,
-         model=None, extra_fit: Callable[[int], None] | None = None) -> EditOutput:
+         model=None) -> EditOutput:
+    """Check the photo, load the model, fit (cached), build the edit (``edit`` may be a function of
+    the model's image size, for edits that fit a second photo), sample, paste back, save the files."""
     from diffusionrig_core import pipeline
 
     path = check_photo(engine, photo)
