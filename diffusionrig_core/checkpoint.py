@@ -209,19 +209,22 @@ def _torch_load(p: Path) -> Any:
                 f"{p} is a truncated or corrupt PyTorch checkpoint (its zip directory is missing or damaged, "
                 f"size {p.stat().st_size:,} bytes); download or copy it again"
             ) from None
+    kind = _kind(p)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{p} holds Python objects other than tensors, which are not loaded for safety ({str(e).splitlines()[0][:200]}); "
-            "expected a model state dict saved with torch.save(model.state_dict())"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        if _kind(p) == "other":
+        if kind == "other":
             raise CheckpointError(
                 f"{p} is neither a PyTorch checkpoint nor a safetensors file ({msg}); expected a DiffusionRig "
                 "model (.pt from the official training, or .safetensors from this project)"
+            ) from None
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e).lower().replace(" ", "_"):
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            what = f" (it contains {found[1]})" if found else ""
+            raise CheckpointError(
+                f"{p} holds Python objects other than tensors, which are not loaded for safety{what}; "
+                "expected a model state dict saved with torch.save(model.state_dict())"
             ) from None
         raise CheckpointError(f"{p} is a truncated or corrupt PyTorch checkpoint ({msg}); download or copy it again") from None
 

@@ -685,10 +685,7 @@ class Trainer:
     # ---- one update ---------------------------------------------------------------------------
     def _update(self, images: torch.Tensor, buffers: torch.Tensor) -> torch.Tensor:
         cfg, rank, B = self.config, self.ctx.rank, self.config.batch_size
-        x0 = _image_to_model(images)
-        if self.fast:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-            buffers = buffers.contiguous(memory_format=torch.channels_last)
+        x0 = _image_to_model(images)  # (memory layout: FastDenoiser picks it on CUDA)
         # t and noise for the whole global batch from a (seed, step) generator; each rank its slice
         g = _step_generator(cfg.seed, self.step, self.device)
         t_all = torch.randint(0, self.diffusion.num_timesteps, (self.global_batch,), generator=g, device=self.device)

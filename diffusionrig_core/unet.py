@@ -28,7 +28,8 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back, as the official ``normalization``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        # .float() on the affine parameters too: a model cast to half precision still normalises in fp32.
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 def normalization(channels: int) -> GroupNorm32:
