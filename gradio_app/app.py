@@ -261,6 +261,14 @@ class Engine:
                 self._stops[session] = threading.Event()
             return self._stops[session]
 
+    def base_model_label(self) -> str | None:
+        """The model to fine-tune from: a generic (Stage 1) one when its label says so."""
+        for label in self.model_choices():
+            low = label.lower()
+            if "stage 1" in low or "stage1" in low or "generic" in low:
+                return label
+        return self.default_model_label()
+
     def add_personal_model(self, label: str, path: Path) -> None:
         with self._lock:
             self._personal[label] = Path(path)

@@ -416,14 +416,13 @@ def build(engine: Engine) -> gr.Blocks:
         # ---------------------------------------------------------------- page load
         def refresh_models(*current):
             choices = list(engine.model_choices())
-            default = engine.default_model_label()
-            ups = []
-            for dd, value in zip(model_dropdowns, current):
-                keep = value if value in choices else default
-                if dd is swap_other and value not in choices:
-                    keep = next((c for c in choices if c != default), default)
-                ups.append(gr.Dropdown(choices=choices, value=keep))
-            return ups
+            default, base = engine.default_model_label(), engine.base_model_label()
+            # first choices: the default model to edit with, a generic one to fine-tune from, and for
+            # a swap the generic model for the photo and another (personal) model to render it as
+            first = {album_base: base, swap_model: base,
+                     swap_other: next((c for c in choices if c != base), default)}
+            return [gr.Dropdown(choices=choices, value=value if value in choices else first.get(dd, default))
+                    for dd, value in zip(model_dropdowns, current)]
 
         def sample_items():
             return [(str(p), name) for name, p in engine.sample_photos().items()]
