@@ -91,7 +91,7 @@ def _mix_and_match() -> dict:
     g["other"] = ("LoadImage", {"image": "other.png"}, "Photo to take the global code from")
     g["model"] = ("DiffusionRigModelLoader", {"model_name": STAGE1}, None)
     g["extract_other"] = ("DiffusionRigDECAExtract", {"rig": ("rig", 0), "image": ("other", 0), "size": 256,
-                                                       "align": True, "face_index": 0, "on_no_face": "error"}, None)
+                                                       "align": True, "face_index": 0, "on_no_face": "error"}, "DECA Extract (other photo)")
     g["render"] = ("DiffusionRigBufferRender", {"rig": ("rig", 0), "portrait": ("extract", 0)}, None)
     g.update(_sample_and_save("model", "render", "extract_other", "diffusionrig/mix_and_match"))
     return g
@@ -112,7 +112,8 @@ def _expression_pose() -> dict:
     g["reference"] = ("LoadImage", {"image": "reference.png"}, "Reference photo (expression and pose)")
     g["model"] = ("DiffusionRigModelLoader", {"model_name": PERSONAL}, None)
     g["extract_ref"] = ("DiffusionRigDECAExtract", {"rig": ("rig", 0), "image": ("reference", 0), "size": 256,
-                                                     "align": True, "face_index": 0, "on_no_face": "error"}, None)
+                                                     "align": True, "face_index": 0, "on_no_face": "error"},
+                        "DECA Extract (reference)")
     g["edit"] = ("DiffusionRigEditParams", {"portrait": ("extract", 0), "target": ("extract_ref", 0),
                                             "personal_model": ("model", 0), **_edit(
         pose_mode="from target", expression_mode="from target", shape_mode="personal model mean")},
@@ -308,7 +309,7 @@ def build(name: str, object_info: dict) -> tuple[dict, dict]:
                   "widgets_values": [note + " See workflows/README.md and docs/COMFYUI_NODES.md."]})
     ui = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"diffusionrig/workflows/{name}")), "revision": 0,
           "last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
-          "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}}, "version": 0.4}
+          "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [60, 330]}}, "version": 0.4}
     return ui, api
 
 
