@@ -166,7 +166,7 @@ def bench_train(opts: BenchOptions, batch: int, fast: bool) -> Row:
     _peak_reset(device)
     return {"batch": batch, "images_per_s": batch * opts.train_iters / elapsed,
             "step_ms": 1000 * elapsed / opts.train_iters, "peak_alloc_gib": alloc, "peak_reserved_gib": reserved,
-            "warmup_s": warm, "loss": float(loss)}
+            "warmup_s": warm, "loss": float(loss.detach())}
 
 
 # ---------------------------------------------------------------------------------------------

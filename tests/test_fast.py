@@ -101,3 +101,18 @@ def test_graphed_denoiser_replays_the_same_eps(setup):  # pragma: no cover - GPU
     with torch.no_grad():
         direct = fast(x_t.cuda(), t.cuda(), b, z)
     assert torch.allclose(graphed(x_t.cuda(), t.cuda()), direct, atol=1e-3)
+
+
+def test_bench_model_section_runs_on_the_cpu_with_the_tiny_model():
+    from diffusionrig_core import bench
+
+    rows = []
+    opts = bench.BenchOptions(device="cpu", config=ModelConfig.tiny(), train_batches=(1,), sample_batches=(1,),
+                              steps="ddim2", train_iters=1, warmup=1, sample_repeats=1, baseline=False,
+                              compile=False, extra={"sample_variants": ("fast",)}, log=lambda s: None)
+    rows = bench.run_sections(["model"], opts)
+    names = [r["name"] for r in rows]
+    assert names == ["training images/s, batch 1", "peak training memory, batch 1", "DDIM ddim2, 1 image(s), fast"]
+    assert rows[0]["value"] > 0 and rows[2]["value"] > 0
+    table = bench.to_markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "| model | training images/s, batch 1 |" in table
