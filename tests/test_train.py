@@ -95,33 +95,33 @@ def test_stage1_batches_shard_each_global_batch_over_ranks_and_cover_epochs():
 def test_stage1_tiny_preset_runs_end_to_end_and_its_model_loads_and_samples(tmp_path, data):
     from diffusionrig_core.sampling import ddim_sample
 
-    cfg = TrainConfig.tiny(1, max_steps=3, save_interval=2)
+    cfg = TrainConfig.tiny(1, max_steps=2, save_interval=1)
     path = train(cfg, data["six"], tmp_path / "run", progress=False)
     assert path == tmp_path / "run" / "model.safetensors"
     model = load_model(path)
-    assert model.metadata["stage"] == 1 and model.metadata["steps"] == 3
+    assert model.metadata["stage"] == 1 and model.metadata["steps"] == 2
     x, b = RigDataset(data["six"]).load_all()
     with torch.no_grad():
         out = ddim_sample(model, torch.randn(2, 3, SIZE, SIZE), b[:2], model.encode(x[:2]), steps="ddim5")
     assert out.shape == (2, 3, SIZE, SIZE) and torch.isfinite(out).all() and out.abs().max() <= 1
     latest = json.loads((tmp_path / "run" / "latest.json").read_text())
-    assert latest["step"] == 3 and verify_checkpoint(tmp_path / "run" / latest["dir"])
+    assert latest["step"] == 2 and verify_checkpoint(tmp_path / "run" / latest["dir"])
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "run" / "log.csv").read_text().splitlines()[0].startswith("step,loss")
 
 
 def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, data):
     # dropout on and an EMA: the RNG state and every piece of optimizer state must come back
-    cfg = TrainConfig.tiny(1, max_steps=3, save_interval=2, dropout=0.1, ema_rate=0.9)
+    cfg = TrainConfig.tiny(1, max_steps=2, save_interval=1, dropout=0.1, ema_rate=0.9)
 
-    def cancel_at_3(step, loss):
-        if step == 3:
+    def cancel_at_2(step, loss):
+        if step == 2:
             raise Stop
 
     with pytest.raises(Stop):
-        train(cfg, data["six"], tmp_path / "a", progress=False, callback=cancel_at_3)
-    # the cancelled run left its last checkpoint (step 2) valid
-    assert find_checkpoint(tmp_path / "a") == tmp_path / "a" / "checkpoints" / "step_00000002"
+        train(cfg, data["six"], tmp_path / "a", progress=False, callback=cancel_at_2)
+    # the cancelled run left its last checkpoint (step 1) valid
+    assert find_checkpoint(tmp_path / "a") == tmp_path / "a" / "checkpoints" / "step_00000001"
     resumed = train(cfg, data["six"], tmp_path / "a", progress=False)
     straight = train(cfg, data["six"], tmp_path / "b", progress=False)
     assert _same(load_file(resumed), load_file(straight))
@@ -130,10 +130,11 @@ def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_p
                      keys=[k for k in load_file(resumed) if k.startswith("denoisingUNet.out")])
 
 
-def test_a_half_written_checkpoint_is_never_read_as_valid(tmp_path, data, monkeypatch):
+def test_a_half_written_checkpoint_is_never_read_as_valid(tmp_path, data, base, monkeypatch):
+    # (Stage 2 for speed: both stages write checkpoints through the same code)
     run = tmp_path / "run"
-    cfg = TrainConfig.tiny(1, max_steps=2, save_interval=1, keep_checkpoints=3)
-    train(cfg, data["six"], run, progress=False)
+    cfg = TrainConfig.tiny(2, max_steps=2, save_interval=1, keep_checkpoints=3)
+    train(cfg, data["six"], run, base=base, progress=False)
     ck = run / "checkpoints"
 
     # 1. a crash while step 3's checkpoint is being written: latest.json still names step 2
@@ -147,7 +148,8 @@ def test_a_half_written_checkpoint_is_never_read_as_valid(tmp_path, data, monkey
 
     monkeypatch.setattr(T, "_write_file_synced", crash_on_state)
     with pytest.raises(OSError, match="disk full"):
-        train(TrainConfig.tiny(1, max_steps=3, save_interval=1, keep_checkpoints=3), data["six"], run, progress=False)
+        train(TrainConfig.tiny(2, max_steps=3, save_interval=1, keep_checkpoints=3), data["six"], run, base=base,
+              progress=False)
     monkeypatch.undo()
     assert json.loads((run / "latest.json").read_text())["step"] == 2
     assert any(p.name.startswith(".tmp-") for p in ck.iterdir())  # the debris stays invisible
@@ -164,13 +166,14 @@ def test_a_half_written_checkpoint_is_never_read_as_valid(tmp_path, data, monkey
     assert find_checkpoint(run, verbose=False) == ck / "step_00000001"
 
     # 4. and training resumes from there
-    train(TrainConfig.tiny(1, max_steps=2, save_interval=1, keep_checkpoints=3), data["six"], run, progress=False)
+    train(TrainConfig.tiny(2, max_steps=2, save_interval=1, keep_checkpoints=3), data["six"], run, base=base,
+          progress=False)
     assert json.loads((run / "latest.json").read_text())["step"] == 2
     assert verify_checkpoint(ck / "step_00000002") is not None
 
 
-def test_training_state_loads_with_weights_only(tmp_path, data):
-    train(TrainConfig.tiny(1, max_steps=1), data["six"], tmp_path / "r", progress=False)
+def test_training_state_loads_with_weights_only(tmp_path, data, base):
+    train(TrainConfig.tiny(2, max_steps=1), data["six"], tmp_path / "r", base=base, progress=False)
     state = torch.load(find_checkpoint(tmp_path / "r") / "state.pt", weights_only=True)
     assert state["step"] == 1 and state["optimizer"]["state"] and len(state["rng"]) == 1
 
