@@ -326,6 +326,13 @@ def save_model(model: DiffusionRig, path: str | os.PathLike, metadata: dict[str,
     from safetensors.torch import save_file
 
     p = Path(path)
+    # Accept the wrappers a training loop holds: DDP (.module), torch.compile (._orig_mod), FastDenoiser (.model).
+    for attr in ("module", "_orig_mod", "model"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module) and not isinstance(model, DiffusionRig):
+            model = inner
+    if not isinstance(model, DiffusionRig):
+        raise CheckpointError(f"save_model needs a DiffusionRig model, got {type(model).__name__}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if getattr(model, "mean_shape", None) is not None:
         tensors[MEAN_SHAPE_KEY] = model.mean_shape.detach().to("cpu", torch.float32).contiguous()
