@@ -146,6 +146,12 @@ def bench_train(opts: BenchOptions, batch: int, fast: bool) -> Row:
     compile_mode = opts.extra.get("train_compile", "default") if (fast and opts.compile) else None
     if compile_mode == "default":
         compile_mode = True
+    budget = opts.extra.get("memory_budget")
+    if fast and compile_mode and budget is not None:
+        # Inductor's min-cut partitioner then recomputes cheap activations to fit the budget (0..1).
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = float(budget)
     step = make_train_step(model, fast, compile_mode)
     data = [_batch(model.config, batch, device, seed) for seed in range(2)]
     _peak_reset(device)

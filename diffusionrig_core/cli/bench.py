@@ -30,6 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-compile", action="store_true", help="do not use torch.compile in our fast path")
     p.add_argument("--train-compile", default="default",
                    help="torch.compile mode for training (default, max-autotune-no-cudagraphs, ...)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="F",
+                   help="compiled training: activation memory budget in (0, 1] (recompute activations to save memory)")
     p.add_argument("--sample-compile", default="reduce-overhead", help="torch.compile mode for sampling")
     p.add_argument("--sample-variants", default="official,fast+graph,fast+compile",
                    help="DDIM variants to time, from: official, fast, fast+graph, fast+compile")
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         device=device, train_batches=args.train_batches, sample_batches=args.sample_batches, steps=args.steps,
         train_iters=args.iters, sample_repeats=args.repeats, baseline=not args.no_baseline and device.startswith("cuda"),
         compile=not args.no_compile, config=ModelConfig.tiny() if args.tiny else None,
-        extra={"train_compile": args.train_compile, "sample_compile": args.sample_compile, "channels_last": {"auto": None, "yes": True, "no": False}[args.channels_last],
+        extra={"train_compile": args.train_compile, "memory_budget": args.memory_budget, "sample_compile": args.sample_compile, "channels_last": {"auto": None, "yes": True, "no": False}[args.channels_last],
                "sample_variants": tuple(v for v in args.sample_variants.split(",") if v), "args": vars(args)},
     )
     rows = bench.run_sections(names, opts)
