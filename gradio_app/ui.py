@@ -174,7 +174,7 @@ def build(engine: Engine) -> gr.Blocks:
         galleries: list[tuple[gr.Gallery, gr.Image]] = []  # demo sample people -> the photo box they fill
 
         def samples_for(target: gr.Image, what: str = "edit it", **kwargs: Any) -> gr.Gallery:
-            gallery = gr.Gallery(label=f"Sample people — click one to {what}", columns=6, height=130,
+            gallery = gr.Gallery(label=f"Sample people — click one to {what}", columns=6, height=150,
                                  allow_preview=False, visible=engine.demo, object_fit="cover",
                                  elem_classes=["samples"], **kwargs)
             galleries.append((gallery, target))
@@ -264,17 +264,10 @@ def build(engine: Engine) -> gr.Blocks:
                 preview_kw = dict(fn=do_preview, inputs=preview_inputs, outputs=buffers, show_progress="minimal",
                                   trigger_mode="always_last", concurrency_id="preview", concurrency_limit=2)
 
-                def do_upload(*values):
-                    # a bad file is taken out again, with a message saying why, instead of staying
-                    # in the photo box as a broken image
-                    try:
-                        return gr.skip(), do_preview.__wrapped__(*values)
-                    except DiffusionRigError as exc:
-                        gr.Warning(_sentence(exc), title=_title(exc))
-                        return None, []
-
-                photo.upload(_guard(do_upload), preview_inputs, [photo, buffers], show_progress="minimal",
-                             concurrency_id="preview", api_visibility="private")
+                # a bad upload shows its error and is taken out again, instead of staying in the
+                # photo box as a broken image
+                upload = photo.upload(api_visibility="private", **preview_kw)
+                upload.failure(lambda: (None, []), None, [photo, buffers], api_visibility="private", queue=False)
                 azimuth.release(api_name="preview", **preview_kw)
                 for control in (elevation, intensity, yaw, pitch, roll, jaw, strength):
                     control.release(api_visibility="private", **preview_kw)

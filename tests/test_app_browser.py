@@ -108,7 +108,7 @@ def test_a_bad_upload_shows_a_clear_message_and_the_app_keeps_working(page, serv
     url, world = served
     bad = write_bad_files(tmp_path)
     page.locator("#photo input[type=file]").set_input_files(str(bad["not_image"]))
-    toast = page.locator(".toast-body").filter(has_text="not an image")
+    toast = page.locator(".toast-body.error").filter(has_text="not an image")
     toast.first.wait_for()
     page.wait_for_timeout(400)  # let the message slide in before the screenshot
     page.screenshot(path=str(tmp_path / "app_bad_upload.png"))
