@@ -818,45 +818,22 @@ def invert(model, images: torch.Tensor, buffers: torch.Tensor, latent: torch.Ten
            fast: bool | None = None) -> torch.Tensor:
     """DDIM inversion: the noise that deterministic DDIM (eta 0) maps back to ``images`` (B,3,S,S) in [0,1].
 
-    Each step starts from the official reverse step (``ddim_reverse_sample``: the noise estimate at the
-    current point) and then, ``refine`` times, solves the sampler's own step backwards with the noise
-    estimate at the new point (a fixed-point iteration). The plain official inversion (``refine=0``)
-    is first-order: its reconstruction error shrinks only as 1/steps; each refinement costs one more
+    ``sampling.ddim_invert`` with ``refine`` fixed-point corrections per step: the plain official
+    inversion (``refine=0``) is first-order and its round trip drifts; each refinement costs one more
     network call per step and removes most of that error (numbers in tests/test_pipeline.py).
     """
-    from .diffusion import cached
-
     buffers, latent = _check_conditioning(model, buffers, latent)
     if tuple(images.shape) != (buffers.shape[0], 3, buffers.shape[-2], buffers.shape[-1]):
         raise InputError(f"images must be (B,3,S,S) matching the buffers, got {tuple(images.shape)}")
     if not 0 <= int(refine) <= 20:
         raise InputError(f"refine must be between 0 and 20 fixed-point iterations, got {refine}")
-    diff = cached("linear", 1000, _steps(steps))
     net = _fast_model(model, fast)
     model.eval()
+    x0 = images.to(buffers.device, torch.float32) * 2 - 1
+    from . import sampling
 
-    def eps_at(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return net(x, diff.model_timesteps(t), buffers, latent).float()[:, :3]
-
-    x = images.to(buffers.device, torch.float32) * 2 - 1
-    n = diff.num_timesteps
-    with torch.no_grad():
-        for i in range(n - 1):  # the sampler starts at index n-1 (e.g. t = 950), so stop there
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            t_next = t + 1
-            a = diff.coef("alphas_cumprod", t)
-            a_next = diff.coef("alphas_cumprod", t_next)
-            pred = diff.predict_x0(x, t, eps_at(x, t)).clamp(-1, 1)
-            x_next = pred * a_next.sqrt() + (1 - a_next).sqrt() * diff.predict_eps(x, t, pred)
-            for _ in range(int(refine)):
-                # the DDIM step from x_next lands on (a / a_next)^1/2 (x_next - (1-a_next)^1/2 e) + (1-a)^1/2 e;
-                # ask it to land on x and solve for x_next with e taken at the current guess
-                e = eps_at(x_next, t_next)
-                x_next = (a_next / a).sqrt() * (x - (1 - a).sqrt() * e) + (1 - a_next).sqrt() * e
-            x = x_next
-            if callback is not None:
-                callback(i + 1, n - 1)
-    return x
+    return sampling.ddim_invert(net, x0, buffers, latent, steps=_steps(steps), refine=int(refine),
+                                callback=_progress(callback))
 
 
 # ---------------------------------------------------------------------------------------------
