@@ -273,6 +273,61 @@ def model_section(opts: BenchOptions) -> list[Row]:
 # ---------------------------------------------------------------------------------------------
 # running and printing
 # ---------------------------------------------------------------------------------------------
+@register("rig")
+def rig_section(opts: BenchOptions) -> list[Row]:
+    """Photos per second from PNG file to buffers (FLAME-sized assets, DECA of the real architecture)."""
+    from .rig import bench_rig
+
+    n = int(opts.extra.get("rig_photos", 64 if opts.device.startswith("cuda") else 8))
+    r = bench_rig(opts.device, n=n, size=opts.image_size or 256)
+    rows = [{"section": "rig", "name": f"file -> buffers, {r['size']}px, batch {r['batch_size']}",
+             "value": r["photos_per_s"], "unit": "photos/s"}]
+    labels = {"load_resize_crop_s": "load, resize, crop", "encode_s": "DECA encode",
+              "flame_render_s": "FLAME + render", "detect_s_per_photo": "dlib detection (CPU)"}
+    for key, label in labels.items():
+        if key in r:
+            rows.append({"section": "rig", "name": f"{label}, per photo", "value": r[key], "unit": "s"})
+    return rows
+
+
+@register("edit")
+def edit_section(opts: BenchOptions) -> list[Row]:
+    """Seconds from a photo file to an edited photo pasted back, one edit and a sweep of 16."""
+    from .pipeline import bench_edit
+
+    sizes = opts.extra.get("edit_sizes", (256, 512) if opts.device.startswith("cuda") else (64,))
+    rows = []
+    for size in sizes:
+        for n in (1, 16):
+            r = bench_edit(opts.device, size, n, steps=opts.steps, repeats=int(opts.extra.get("edit_repeats", 3)))
+            rows.append({"section": "edit", "name": f"photo -> pasted edit, {size}px, {n} edit(s), {opts.steps}",
+                         "value": r["total_s"], "unit": "s",
+                         "notes": f"detect {r['detect_s']:.2f}, fit {r['fit_s']:.2f}, edit {r['edit_s']:.2f}, "
+                                  f"paste {r['paste_s']:.2f}"})
+    return rows
+
+
+@register("train")
+def train_section(opts: BenchOptions) -> list[Row]:
+    """Stage 2 end to end with the official recipe (``extra['stage2_steps']``, default 5000) and
+    Stage 1 images/s per GPU at batch 32 (under torchrun every rank runs it)."""
+    from .train import bench_train
+
+    size = opts.image_size or 256
+    rows = []
+    steps2 = int(opts.extra.get("stage2_steps", 5000))
+    r = bench_train(stage=2, size=size, device=opts.device, steps=steps2, compile=opts.extra.get("train_compile_stage2", False))
+    rows.append({"section": "train", "name": f"Stage 2, official recipe, {steps2} steps at {size}px",
+                 "value": r["total_s"], "unit": "s", "baseline": 776.0 * steps2 / 5000,
+                 "speedup": 776.0 * steps2 / 5000 / r["total_s"],
+                 "notes": f"{r['s_per_step'] * 1000:.1f} ms/step; baseline = official H100 776 s per 5000 steps"})
+    r = bench_train(stage=1, size=size, device=opts.device, steps=int(opts.extra.get("stage1_steps", 50)))
+    rows.append({"section": "train", "name": f"Stage 1 per GPU, batch 32, {size}px (world {r['world']})",
+                 "value": r["images_per_s_per_gpu"], "unit": "images/s", "baseline": 61.9,
+                 "speedup": r["images_per_s_per_gpu"] / 61.9, "notes": f"peak {r['peak_gib']:.1f} GiB"})
+    return rows
+
+
 def run_sections(names: list[str], opts: BenchOptions) -> list[Row]:
     rows: list[Row] = []
     for name in names:

@@ -1274,7 +1274,7 @@ def bench_edit(device: torch.device | str, size: int, n_edits: int, steps: str =
         t0 = time.perf_counter()
         try:
             detect_landmarks(load_image(photo))
-        except NoFaceError:
+        except (NoFaceError, AssetError):  # AssetError: no dlib on this machine; detection is then not timed
             pass
         t1 = time.perf_counter()
         portrait = fit(rig, [photo], size=size, use_sidecar=False, landmarks=[landmarks])
