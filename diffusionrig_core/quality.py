@@ -44,7 +44,7 @@ from .errors import CheckpointError, InputError
 MODES = ("light", "exp", "pose", "recon")
 PRESETS: dict[str, dict[str, Any]] = {
     # cases per person, unseen people (indices of the demo world), DDIM steps, edit modes
-    "full": dict(cases=8, strangers=(1000, 1001, 1002, 1003), stranger_cases=2, steps="ddim20", modes=MODES),
+    "full": dict(cases=6, strangers=(1000, 1001, 1002, 1003), stranger_cases=1, steps="ddim20", modes=MODES),
     "tiny": dict(cases=1, strangers=(), stranger_cases=0, steps="ddim4", modes=("light", "exp", "pose")),
 }
 HELDOUT_SEED = 0  # write_heldout's seed: its photos use other random streams than the training albums

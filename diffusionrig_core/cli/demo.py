@@ -12,7 +12,7 @@ import argparse
 BUILD_EPILOG = """\
 The shipped files (diffusionrig_core/demo_data/) were made with the defaults:
   diffusionrig demo build --device cuda
-which takes about 5 minutes on one H100 (16 CPU cores draw the photos). On a CPU the same
+which takes about 3 minutes on one H200 (its 16 CPU cores draw the photos). On a CPU the same
 command takes many hours; `--tiny` checks the whole chain in about a minute.
 """
 
@@ -31,11 +31,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                                  "(default: a temporary folder, removed at the end)")
     b.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     b.add_argument("--size", type=int, default=None, help="image size of the model (default 128)")
-    b.add_argument("--steps1", type=int, default=None, help="Stage 1 updates (default 3000)")
-    b.add_argument("--steps2", type=int, default=None, help="Stage 2 updates (default 800)")
-    b.add_argument("--batch1", type=int, default=None, help="Stage 1 batch size (default 32)")
-    b.add_argument("--batch2", type=int, default=None, help="Stage 2 batch size (default 8)")
-    b.add_argument("--people", type=int, default=None, help="Stage 1 people (default 240)")
+    b.add_argument("--steps1", type=int, default=None, help="Stage 1 updates (default 700)")
+    b.add_argument("--steps2", type=int, default=None, help="Stage 2 updates (default 200)")
+    b.add_argument("--batch1", type=int, default=None, help="Stage 1 batch size (default 128)")
+    b.add_argument("--batch2", type=int, default=None, help="Stage 2 batch size (default 12)")
+    b.add_argument("--people", type=int, default=None, help="Stage 1 people (default 160)")
     b.add_argument("--photos", type=int, default=None, help="photos per Stage 1 person (default 10)")
     b.add_argument("--jobs", type=int, default=None, help="processes drawing photos (default: all CPU cores)")
     b.add_argument("--float32", action="store_true", help="store float32 weights (default float16)")
@@ -51,7 +51,7 @@ def add_quality_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--tiny", action="store_true", help="one held-out case, 4 DDIM steps (a smoke test, seconds)")
     q.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     q.add_argument("--steps", default=None, help="DDIM respacing (default ddim20; tiny: ddim4)")
-    q.add_argument("--cases", type=int, default=None, help="held-out cases per person (default 8; tiny: 1)")
+    q.add_argument("--cases", type=int, default=None, help="held-out cases per person (default 6; tiny: 1)")
     q.add_argument("--invert", action="store_true", help="start from the DDIM inversion of the source "
                                                          "instead of seeded noise (official: noise)")
     q.add_argument("--stage1", default=None, help="Stage 1 model (default: the demo's)")
