@@ -84,6 +84,13 @@ def demo_model_path(kind: str = "stage1") -> Path:
     return path
 
 
+def demo_edit_defaults() -> dict[str, Any]:
+    """How the demo models edit best. The shipped Stage 1 had a short training run (700 updates):
+    its edits from the DDIM-inverted source are clean, but its samples from pure noise are not
+    (docs/QUALITY.md has the numbers), so apps should start demo edits from the inverted source."""
+    return {"invert": True, "steps": "ddim20"}
+
+
 def demo_manifest(root: str | Path | None = None) -> dict[str, Any]:
     """What ``build_demo`` recorded about the shipped models ({} when there is none)."""
     path = (Path(root) if root is not None else DEMO_DATA_DIR) / MANIFEST
