@@ -1253,8 +1253,10 @@ def bench_edit(device: torch.device | str, size: int, n_edits: int, steps: str =
 
     device = torch.device(device)
     tmp = Path(tempfile.mkdtemp(prefix="diffusionrig_bench_"))
+    # the synthetic photo is drawn on the CPU (the photo renderer's compositing is numpy)
+    photo = synthetic.write_album(tmp, synthetic.sample_people(1, seed=0)[0], n=1, size=photo_size,
+                                  rig=load_rig("demo", device="cpu"))[0]
     rig = load_rig("demo", device=device)
-    photo = synthetic.write_album(tmp, synthetic.sample_people(1, seed=0)[0], n=1, size=photo_size, rig=rig)[0]
     landmarks = synthetic.load_sidecar(photo).landmarks
     torch.manual_seed(0)
     rig.encoder = DECAEncoder().to(device).eval()  # random weights: the real ones are licensed
