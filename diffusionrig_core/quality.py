@@ -227,13 +227,15 @@ def _mean(values: list[Any]) -> float | None:
 
 def run_quality_bench(preset: str = "full", stage1: Any = None, personal: Any = None, device: str | None = None,
                       steps: str | None = None, cases: int | None = None, invert: bool = False, seed: int = 0,
-                      rig: Any = None, work_dir: str | Path | None = None,
+                      rig: Any = None, work_dir: str | Path | None = None, sheet: str | Path | None = None,
                       log: Callable[[str], None] = print) -> QualityReport:
     """Run the benchmark (``preset`` "full" or "tiny") and return its report (``.markdown()`` for the table).
 
     ``stage1`` / ``personal``: models or paths (default: the shipped demo models; the personal one
     must be the demo person's). ``rig``: the face rig the models were trained with (default: the
     demo world's). Held-out photos are drawn into ``work_dir`` (default: a temporary folder).
+    ``sheet``: write a PNG of the first case: one row per edit with the source, the target, the
+    truth, the physical render and each model's result.
     """
     from . import pipeline
     from .synthetic.demo import demo_person
@@ -268,6 +270,7 @@ def run_quality_bench(preset: str = "full", stage1: Any = None, personal: Any = 
         f"{'' if embedder.available else ' (no dlib: identity not measured)'}")
 
     per_case: list[dict[str, Any]] = []
+    sheet_rows: dict[str, list[np.ndarray]] = {}
     for group, person, k, labels in groups:
         folder = work / person.id
         written = write_heldout(folder, person, k, seed=HELDOUT_SEED, size=size, rig=rig)
@@ -292,6 +295,11 @@ def run_quality_bench(preset: str = "full", stage1: Any = None, personal: Any = 
                     mask = _face_mask(res.buffers)
                     per_case.append({**base, "model": label, "edit": mode,
                                      **_metrics(res.image, truth, mask, embedder, lms)})
+                    if sheet is not None and group == groups[0][0] and c == 0:
+                        if label == labels[0]:
+                            render8 = (res.buffers[0:3].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5)
+                            sheet_rows[mode] = [source_img, _load_rgb(tgt_path), truth, render8.astype(np.uint8)]
+                        sheet_rows[mode].append(res.image)
                     if label == labels[0]:  # references, once per case
                         if mode != "recon":
                             per_case.append({**base, "model": "reference: source photo (no edit)", "edit": mode,
@@ -301,6 +309,11 @@ def run_quality_bench(preset: str = "full", stage1: Any = None, personal: Any = 
                                          **_metrics(render.astype(np.uint8), truth, mask, embedder, lms)})
             log(f"  {person.id} case {c}: done ({time.perf_counter() - t_start:.0f} s)")
 
+    if sheet is not None and sheet_rows:
+        from PIL import Image
+
+        grid = np.concatenate([np.concatenate(row, 1) for row in sheet_rows.values()], 0)
+        Image.fromarray(grid).save(sheet)
     # identity scale: truths of different people (embedding distance between people)
     rows = _aggregate(per_case, labels_order=list(models))
     if embedder.available and len(groups) > 1:

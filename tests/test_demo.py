@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +121,15 @@ def test_demo_build_runs_the_whole_chain_on_the_cpu(tmp_path):
     names = RigDataset(tmp_path / "work" / "dataset1").names
     assert names == ["person_001/photo_000.png", "person_001/photo_001.png",
                      "person_002/photo_000.png", "person_002/photo_001.png"]
+
+
+def test_the_demo_persons_album_is_the_same_for_the_same_seed_and_not_the_sample_photos(tmp_path):
+    a = demo.write_demo_album(tmp_path / "a", n=2, size=64)
+    b = demo.write_demo_album(tmp_path / "b", n=2, size=64)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert synthetic.load_sidecar(a[0]).record["person"] == demo.demo_person().id
+    sample = demo.write_demo_samples(tmp_path / "s", size=64, photos_each=1)["Demo person · 1"]
+    assert not np.allclose(synthetic.load_sidecar(sample).params["pose"], synthetic.load_sidecar(a[0]).params["pose"])
 
 
 def test_demo_build_config_refuses_impossible_settings():

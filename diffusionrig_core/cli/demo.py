@@ -57,6 +57,9 @@ def add_quality_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--stage1", default=None, help="Stage 1 model (default: the demo's)")
     q.add_argument("--personal", default=None, help="personal model of the demo person (default: the demo's)")
     q.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
+    q.add_argument("--sheet", metavar="PNG", default=None,
+                   help="write the first case as a picture: per edit, source | target | truth | physical render "
+                        "| each model's result")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,7 +96,8 @@ def run_quality(args: argparse.Namespace) -> int:
     report = quality.run_quality_bench(
         preset="tiny" if args.tiny else "full", device=args.device, steps=args.steps, cases=args.cases,
         invert=bool(getattr(args, "invert", False)), stage1=getattr(args, "stage1", None),
-        personal=getattr(args, "personal", None), log=lambda s: print(s, flush=True))
+        personal=getattr(args, "personal", None), sheet=getattr(args, "sheet", None),
+        log=lambda s: print(s, flush=True))
     print(report.markdown())
     if args.json:
         with open(args.json, "w") as f:

@@ -24,7 +24,7 @@ _EXPORTS = {
     "load_sidecar": "photos", "Sidecar": "photos", "edited_params": "photos", "EDIT_MODES": "photos",
     "demo_model_paths": "demo", "demo_model_path": "demo", "demo_available": "demo", "demo_world": "demo",
     "demo_person": "demo", "write_demo_samples": "demo", "build_demo": "demo", "DemoBuildConfig": "demo",
-    "demo_edit_defaults": "demo",
+    "demo_edit_defaults": "demo", "write_demo_album": "demo",
 }
 
 __all__ = sorted(_EXPORTS)

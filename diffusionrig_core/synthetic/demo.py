@@ -116,6 +116,15 @@ def demo_size() -> int:
     return int(demo_manifest().get("size", DEMO_MODEL["image_size"]))
 
 
+def write_demo_album(folder: str | Path, n: int = 24, size: int | None = None, rig: Any = None) -> list[Path]:
+    """The demo person's training album (the personal model's Stage 2 data): the same photos for the
+    same ``n`` and ``size`` every time (``photo_000.png`` ... with sidecars)."""
+    from .photos import default_rig, write_album
+
+    rig = rig if rig is not None else default_rig()
+    return write_album(Path(folder), demo_person(), n, seed=WORLD_SEED, size=int(size or demo_size()), rig=rig)
+
+
 @dataclass
 class DemoWorld:
     """What an app needs to run on the synthetic world (read by ``gradio_app.app.load_demo_world``)."""
@@ -313,7 +322,7 @@ def build_demo(config: DemoBuildConfig | None = None, log: Callable[[str], None]
     from ..data import build_dataset
     from ..train import TrainConfig, train
     from .assets import write_synthetic_assets
-    from .photos import synthetic_rig, write_album
+    from .photos import synthetic_rig
 
     cfg = config or DemoBuildConfig()
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -346,7 +355,7 @@ def build_demo(config: DemoBuildConfig | None = None, log: Callable[[str], None]
         # 3. meanwhile, the demo person's album (the same photos for the same seed) and its dataset
         rig = synthetic_rig(assets)
         person = demo_person()
-        album = write_album(work / "album", person, cfg.album, seed=WORLD_SEED, size=cfg.size, rig=rig)
+        album = write_demo_album(work / "album", cfg.album, cfg.size, rig=rig)
         rep = build_dataset(album, work / "dataset2", rig=rig, size=cfg.size, use_mean_shape=True, fit="sidecar",
                             progress=False, overwrite=True)
         log(f"stage 2 album: {rep.count} photos of {person.id} ({time.perf_counter() - t0:.1f} s)")
