@@ -1,11 +1,10 @@
 """The app in a real browser: Playwright drives Debian's Chromium (headless, no sandbox, no
 background networking) against the app served on a free localhost port, on a tiny synthetic world.
 
-Set DIFFUSIONRIG_DOCS_SCREENSHOT=1 to also refresh docs/img/app_edit.png from the edit test.
+(docs/img/app_edit.png comes from ``python -m gradio_app.screenshot``, on the real demo model.)
 """
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import threading
@@ -19,7 +18,6 @@ pytestmark = [pytest.mark.browser,
               # pandas 3 deprecations inside Gradio's queue statistics, not ours
               pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "",
                              shutil.which("chromium-browser") or "") if p and Path(p).exists()), None)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -99,9 +97,6 @@ def test_upload_move_a_light_slider_edit_and_see_the_result(page, served, tmp_pa
     shot = tmp_path / "app_edit.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    if os.environ.get("DIFFUSIONRIG_DOCS_SCREENSHOT"):
-        (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(REPO / "docs" / "img" / "app_edit.png"), full_page=False)
 
 
 def test_a_bad_upload_shows_a_clear_message_and_the_app_keeps_working(page, served, tmp_path):
