@@ -334,8 +334,9 @@ def _run(engine: Engine, kind: str, photo: Any, model_choice: str | None, edit, 
 # ---------------------------------------------------------------------------------------------
 def run_edit(engine: Engine, photo: Any, model_choice: str | None, settings: EditSettings,
              reference: Any = None, seed: Any = None, random_seed: bool = True, steps: Any = 20,
-             invert: bool = False, progress: Progress | None = None) -> EditOutput:
-    """Edit one photo with the sliders' settings; everything not touched stays as in the photo."""
+             invert: bool | None = None, progress: Progress | None = None) -> EditOutput:
+    """Edit one photo with the sliders' settings; everything not touched stays as in the photo.
+    ``invert`` None = the app's default (on in demo mode)."""
     def make_edit(size: int):
         ref = None
         if settings.take_from:
@@ -345,6 +346,7 @@ def run_edit(engine: Engine, photo: Any, model_choice: str | None, settings: Edi
             ref = engine.portrait(check_photo(engine, reference, "reference photo"), size)
         return build_edit(settings, ref)
 
+    invert = engine.default_invert if invert is None else bool(invert)
     return _run(engine, "edit", photo, model_choice, make_edit, seed, random_seed, steps, invert,
                 {"settings": asdict(settings)}, progress)
 

@@ -3,8 +3,8 @@
     python -m gradio_app.screenshot docs/img/app_edit.png
 
 Serves the app on the synthetic demo world on a free local port, opens it in headless Chromium
-(Playwright), picks the first sample person, turns the light to the side, turns the head a little,
-runs the edit and saves the visible page. Needs ``playwright`` and a Chromium (Debian's
+(Playwright), picks the first sample person, turns the light to the side, runs the edit (with the
+demo's default of starting from the photo's inversion) and saves the visible page. Needs ``playwright`` and a Chromium (Debian's
 ``chromium`` package is found at /usr/bin/chromium; Playwright's own browser works too).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _wait(page, locator, what: str) -> None:
         raise RuntimeError(f"{what} failed: {error.first.inner_text()}")
 
 
-def take(out: Path, steps: int = 20, azimuth: int = 60, yaw: int = 15, width: int = 1400, height: int = 1000,
+def take(out: Path, steps: int = 20, azimuth: int = -70, yaw: int = 0, width: int = 1400, height: int = 1000,
          chromium: str | None = None, timeout_s: float = 300.0) -> Path:
     from playwright.sync_api import sync_playwright
 
@@ -51,6 +51,8 @@ def take(out: Path, steps: int = 20, azimuth: int = 60, yaw: int = 15, width: in
             _wait(page, page.locator("#buffers img"), "showing the buffers")
             page.get_by_label("Direction").check()
             for elem_id, value in (("azimuth", azimuth), ("yaw", yaw)):
+                if not value:
+                    continue
                 slider = page.locator(f"#{elem_id} input[type=range]")
                 slider.fill(str(value))
                 slider.dispatch_event("pointerup")

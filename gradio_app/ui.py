@@ -221,8 +221,9 @@ def build(engine: Engine) -> gr.Blocks:
                             take_from = gr.CheckboxGroup(list(H.TAKE_FROM), value=[],
                                                          label="Take from the reference")
                         seed, random_seed, steps = _seed_row(engine)
-                        invert = gr.Checkbox(value=False, label="Keep the background and details (DDIM-invert "
-                                             "the photo first; twice as slow)")
+                        invert = gr.Checkbox(value=engine.default_invert,
+                                             label="Keep the background and details (start from the photo's "
+                                             "DDIM inversion instead of fresh noise; slower)")
                         run = gr.Button("Edit", variant="primary", elem_id="run-edit")
                     with gr.Column(scale=5):
                         compare, info, buffers, pasted, files = _result_column()
@@ -239,7 +240,7 @@ def build(engine: Engine) -> gr.Blocks:
                 def do_edit(photo, model=None, light_mode=H.LIGHT_MODES[0], azimuth=0.0, elevation=0.0,
                             intensity=1.0, color="#ffffff", preset=None, yaw=0.0, pitch=0.0, roll=0.0, jaw_open=0.0,
                             expression_strength=1.0, take_from=None, reference=None, seed=None,
-                            random_seed=True, steps=None, invert=False, progress=gr.Progress()):
+                            random_seed=True, steps=None, invert=None, progress=gr.Progress()):
                     s = _settings([light_mode, azimuth, elevation, intensity, color, preset, yaw, pitch, roll,
                                    jaw_open, expression_strength, take_from])
                     out = H.run_edit(engine, photo, model, s, reference, seed, random_seed, steps, invert,

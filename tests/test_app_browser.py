@@ -43,8 +43,8 @@ def served(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("DIFFUSIONRIG_MODELS", str(root / "no_models_here"))
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    engine = Engine(AppConfig(demo=True, work_dir=root / "work", default_steps=STEPS, max_pixels=4_000_000),
-                    demo_world=world)
+    engine = Engine(AppConfig(demo=True, work_dir=root / "work", default_steps=STEPS, max_pixels=4_000_000,
+                              default_invert=False), demo_world=world)
     demo, url = launch(engine=engine, port=_free_port(), block=False, quiet=True)
     yield url, world
     demo.close()

@@ -30,7 +30,7 @@ def engine(world, tmp_path_factory):
     work = tmp_path_factory.mktemp("app_work")
     mp = pytest.MonkeyPatch()
     mp.setenv("DIFFUSIONRIG_MODELS", str(work / "no_models_here"))  # never the user's own folder
-    eng = Engine(AppConfig(demo=True, work_dir=work, max_pixels=4_000_000), demo_world=world)
+    eng = Engine(AppConfig(demo=True, work_dir=work, max_pixels=4_000_000, default_invert=False), demo_world=world)
     yield eng
     mp.undo()
 
@@ -60,6 +60,13 @@ def test_the_seed_is_shown_and_reusing_it_repeats_the_result(engine, photo):
     again = H.run_edit(engine, photo, None, H.EditSettings(yaw=-10), steps=2, seed=first.seed, random_seed=False)
     assert again.seed == first.seed
     np.testing.assert_array_equal(again.after, first.after)
+
+
+def test_the_demo_starts_from_the_inversion_unless_told_otherwise(engine, world, photo, tmp_path):
+    assert Engine(AppConfig(demo=True, work_dir=tmp_path), demo_world=world).default_invert
+    assert not engine.default_invert  # this module's engine turns it off, to stay fast
+    out = H.run_edit(engine, photo, None, H.EditSettings(), steps=2, invert=True)
+    assert "inverted source" in out.info
 
 
 def test_light_sliders_change_the_rendered_buffer_but_not_the_normals(engine, photo):
