@@ -96,6 +96,15 @@ def _split_output(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch
     return out, None
 
 
+def _predict(denoise: Denoiser, x: torch.Tensor, diffusion: Diffusion, i: int, clip_denoised: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """At respaced index ``i``: (t, the x0 estimate, clipped if asked, and learn_sigma's v or None)."""
+    t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+    eps, v = _split_output(denoise(x, diffusion.model_timesteps(t)), x.shape[1])
+    x0 = diffusion.predict_x0(x, t, eps)
+    return t, (x0.clamp(-1, 1) if clip_denoised else x0), v
+
+
 @dataclass
 class Step:
     """One sampler step: respaced index ``index`` (counting down), the new ``x`` and the x0 estimate."""
@@ -113,12 +122,8 @@ def iter_ddim(denoise: Denoiser, noise: torch.Tensor, diffusion: Diffusion, eta:
     x = noise.float()
     n = diffusion.num_timesteps
     for step, i in enumerate(range(n - 1, -1, -1)):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         with torch.no_grad():
-            eps, _ = _split_output(denoise(x, diffusion.model_timesteps(t)), x.shape[1])
-            x0 = diffusion.predict_x0(x, t, eps)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
+            t, x0, _ = _predict(denoise, x, diffusion, i, clip_denoised)
             # Official DDIM re-derives eps from the (clipped) x0 estimate.
             eps = diffusion.predict_eps(x, t, x0)
             a_bar = diffusion.coef("alphas_cumprod", t, x.ndim)
@@ -139,12 +144,8 @@ def iter_ddpm(denoise: Denoiser, noise: torch.Tensor, diffusion: Diffusion, clip
     step_noise = step_noise or (lambda step, x: torch.randn_like(x))
     n = diffusion.num_timesteps
     for step, i in enumerate(range(n - 1, -1, -1)):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         with torch.no_grad():
-            eps, v = _split_output(denoise(x, diffusion.model_timesteps(t)), x.shape[1])
-            x0 = diffusion.predict_x0(x, t, eps)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
+            t, x0, v = _predict(denoise, x, diffusion, i, clip_denoised)
             mean = diffusion.posterior_mean(x0, x, t)
             log_var = diffusion.fixed_large_log_var(t, x.ndim) if v is None else diffusion.learned_range_log_var(t, v)
             z = step_noise(step, x)
@@ -217,11 +218,7 @@ def ddpm_sample(
 
 def _ddim_step(denoise: Denoiser, x: torch.Tensor, diff: Diffusion, i: int, clip_denoised: bool) -> torch.Tensor:
     """The deterministic sampler step from respaced index i (to alpha_bar_prev[i])."""
-    t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-    eps, _ = _split_output(denoise(x, diff.model_timesteps(t)), x.shape[1])
-    x0 = diff.predict_x0(x, t, eps)
-    if clip_denoised:
-        x0 = x0.clamp(-1, 1)
+    t, x0, _ = _predict(denoise, x, diff, i, clip_denoised)
     eps = diff.predict_eps(x, t, x0)
     a_prev = diff.coef("alphas_cumprod_prev", t, x.ndim)
     return x0 * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev) * eps
@@ -269,11 +266,7 @@ def ddim_invert(
             x = x + gain0 * (image - _ddim_step(denoise, x, diff, 0, clip_denoised))
         for i in range(last):
             target = x
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, _ = _split_output(denoise(x, diff.model_timesteps(t)), x.shape[1])
-            pred = diff.predict_x0(x, t, eps)
-            if clip_denoised:
-                pred = pred.clamp(-1, 1)
+            t, pred, _ = _predict(denoise, x, diff, i, clip_denoised)
             eps = diff.predict_eps(x, t, pred)
             a_next = diff.coef("alphas_cumprod_next", t, x.ndim)
             x = pred * torch.sqrt(a_next) + torch.sqrt(1 - a_next) * eps
