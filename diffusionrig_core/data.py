@@ -481,8 +481,14 @@ def build_dataset(
             writer.add(name, image, buffers[j], extras)
         bar.update(len(chunk))
     bar.close()
-    writer.finish(mean_shape=mean_shape, settings=settings)
+    return _finish(writer, report, mean_shape, settings, t0)
 
+
+
+def _finish(writer: "DatasetWriter", report: "DatasetReport", mean_shape: torch.Tensor | None,
+            settings: dict, t0: float) -> "DatasetReport":
+    """Close the dataset (its index is written last) and write the report beside it."""
+    writer.finish(mean_shape=mean_shape, settings=settings)
     report.count = len(writer.names)
     report.sources = list(writer.names)
     report.mean_shape = None if mean_shape is None else [float(v) for v in mean_shape.reshape(-1)]
@@ -490,7 +496,6 @@ def build_dataset(
     report.seconds = time.perf_counter() - t0
     report.write()
     return report
-
 
 def _sidecar_item(path: Path, size: int, load_image) -> tuple[np.ndarray, None, torch.Tensor, dict[str, torch.Tensor]]:
     from .synthetic import load_sidecar
@@ -659,11 +664,4 @@ def import_official_lmdb(lmdb_dir: PathLike, out_dir: PathLike, overwrite: bool 
         raise InputError(f"{lmdb_dir} holds no usable items")
     settings = {"size": writer.size, "use_mean_shape": mean_shape is not None, "imported_from": str(lmdb_dir),
                 "buffer_dtype": "float32"}
-    writer.finish(mean_shape=mean_shape, settings=settings)
-    report.count = len(writer.names)
-    report.sources = list(writer.names)
-    report.mean_shape = None if mean_shape is None else [float(v) for v in mean_shape.reshape(-1)]
-    report.settings = settings
-    report.seconds = time.perf_counter() - t0
-    report.write()
-    return report
+    return _finish(writer, report, mean_shape, settings, t0)

@@ -140,6 +140,18 @@ def _barycentrics(px, py, fv):
     return w0, w1, w2
 
 
+
+def _to_pytorch3d_frame(verts: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A copy of DECA-frame vertices in pytorch3d's frame: +X left, +Y up (DECA negates x and y),
+    the longer image axis stretched as pytorch3d does for non-square images."""
+    v = verts.float().clone()
+    v[..., :2] = -v[..., :2]
+    if h > w:
+        v[..., 1] = v[..., 1] * h / w
+    else:
+        v[..., 0] = v[..., 0] * w / h
+    return v
+
 def rasterize(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int,
               max_pairs: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rasterize meshes given in DECA's image frame (x right, y down, NDC; z already shifted by +10).
@@ -152,13 +164,7 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int,
     n_f = faces.shape[0]
     device = verts.device
     h, w = int(height), int(width)
-    # pytorch3d's frame: +X left, +Y up (DECA negates x and y); the longer axis is stretched.
-    v = verts.float().clone()
-    v[..., :2] = -v[..., :2]
-    if h > w:
-        v[..., 1] = v[..., 1] * h / w
-    else:
-        v[..., 0] = v[..., 0] * w / h
+    v = _to_pytorch3d_frame(verts, h, w)
     fv = v[:, faces].reshape(b * n_f, 3, 3)  # packed faces: index = b * F + f
     xs, x_range = _pixel_centres(w, h, device)  # NDC of x index j (j counts from the left in p3d = right in image)
     ys, y_range = _pixel_centres(h, w, device)
@@ -350,12 +356,7 @@ def rasterize_pytorch3d(verts: torch.Tensor, faces: torch.Tensor, height: int, w
     except ImportError as exc:
         raise ImportError("rasterize_pytorch3d needs pytorch3d; the built-in rasterize() does not") from exc
     b, h, w = verts.shape[0], int(height), int(width)
-    v = verts.float().clone()
-    v[..., :2] = -v[..., :2]
-    if h > w:
-        v[..., 1] = v[..., 1] * h / w
-    else:
-        v[..., 0] = v[..., 0] * w / h
+    v = _to_pytorch3d_frame(verts, h, w)
     meshes = Meshes(verts=v, faces=faces.long().unsqueeze(0).expand(b, -1, -1))
     p2f, zbuf, bary, _ = rasterize_meshes(meshes, image_size=(h, w), blur_radius=0.0, faces_per_pixel=1,
                                           bin_size=None, max_faces_per_bin=None, perspective_correct=False)
