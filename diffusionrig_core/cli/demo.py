@@ -35,6 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     b.add_argument("--steps2", type=int, default=None, help="Stage 2 updates (default 200)")
     b.add_argument("--batch1", type=int, default=None, help="Stage 1 batch size (default 128)")
     b.add_argument("--batch2", type=int, default=None, help="Stage 2 batch size (default 12)")
+    b.add_argument("--lr1", type=float, default=None, help="Stage 1 learning rate (default 3e-4)")
+    b.add_argument("--ema1", type=float, default=None,
+                   help="Stage 1 EMA rate of the shipped weights (default 0.995; 0 = ship the raw weights)")
     b.add_argument("--people", type=int, default=None, help="Stage 1 people (default 160)")
     b.add_argument("--photos", type=int, default=None, help="photos per Stage 1 person (default 10)")
     b.add_argument("--jobs", type=int, default=None, help="processes drawing photos (default: all CPU cores)")
@@ -79,6 +82,10 @@ def run_build(args: argparse.Namespace) -> int:
                                        jobs=args.jobs).items() if v is not None}
     if args.float32:
         overrides["float16"] = False
+    if args.lr1 is not None:
+        overrides["lr1"] = args.lr1
+    if args.ema1 is not None:
+        overrides["ema1"] = args.ema1 or None
     if args.tiny and args.out is None:  # never overwrite the shipped models with a smoke test
         overrides["out"] = "diffusionrig-demo-tiny"
     config = DemoBuildConfig.tiny(**overrides) if args.tiny else DemoBuildConfig(**overrides)
