@@ -1,6 +1,6 @@
 """``diffusionrig demo``: rebuild the synthetic demo model, or measure it against the ground truth.
 
-    diffusionrig demo build [--out DIR] [--device cuda] [--size 128] [--steps1 3000] [--steps2 800]
+    diffusionrig demo build [--out DIR] [--device cuda] [--size 128] [--steps1 1800] [--steps2 200]
     diffusionrig demo quality [--tiny] [--invert] [--steps ddim20]   # same as `diffusionrig bench --quality`
 
 Imports stay inside the functions so ``diffusionrig --help`` stays instant.
@@ -31,13 +31,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                                  "(default: a temporary folder, removed at the end)")
     b.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     b.add_argument("--size", type=int, default=None, help="image size of the model (default 128)")
-    b.add_argument("--steps1", type=int, default=None, help="Stage 1 updates (default 700)")
+    b.add_argument("--steps1", type=int, default=None, help="Stage 1 updates (default 1800)")
     b.add_argument("--steps2", type=int, default=None, help="Stage 2 updates (default 200)")
     b.add_argument("--batch1", type=int, default=None, help="Stage 1 batch size (default 128)")
     b.add_argument("--batch2", type=int, default=None, help="Stage 2 batch size (default 12)")
     b.add_argument("--lr1", type=float, default=None, help="Stage 1 learning rate (default 3e-4)")
     b.add_argument("--ema1", type=float, default=None,
-                   help="Stage 1 EMA rate of the shipped weights (default 0.995; 0 = ship the raw weights)")
+                   help="Stage 1 EMA rate of the shipped weights (default: none, the raw weights ship; e.g. 0.995)")
     b.add_argument("--people", type=int, default=None, help="Stage 1 people (default 160)")
     b.add_argument("--photos", type=int, default=None, help="photos per Stage 1 person (default 10)")
     b.add_argument("--jobs", type=int, default=None, help="processes drawing photos (default: all CPU cores)")

@@ -85,9 +85,10 @@ def demo_model_path(kind: str = "stage1") -> Path:
 
 
 def demo_edit_defaults() -> dict[str, Any]:
-    """How the demo models edit best. The shipped Stage 1 had a short training run (700 updates):
-    its edits from the DDIM-inverted source are clean, but its samples from pure noise are not
-    (docs/QUALITY.md has the numbers), so apps should start demo edits from the inverted source."""
+    """How the demo models edit best. The shipped models are small and briefly trained (Stage 1:
+    1,800 updates): from pure noise they draw a clean face but not the photo's background and
+    colours, which the inverted source keeps (docs/QUALITY.md has the numbers), so apps start demo
+    edits from the DDIM-inverted source."""
     return {"invert": True, "steps": "ddim20"}
 
 
@@ -180,7 +181,7 @@ def demo_world(folder: str | Path) -> DemoWorld:
 
 @dataclass
 class DemoBuildConfig:
-    """Settings of ``build_demo``. The defaults made the shipped files (about 3 minutes on one H200).
+    """Settings of ``build_demo``. The defaults made the shipped files (about 4.5 minutes on one H200).
 
     Training this small network is bound by kernel-launch overhead on a big GPU (a step of batch 8
     costs about as long as one of batch 128), hence few large Stage 1 batches."""
@@ -191,13 +192,13 @@ class DemoBuildConfig:
     people: int = 160                       # Stage 1 people (indices 1..people)
     photos: int = 10                        # photos per Stage 1 person
     album: int = 24                         # photos of the demo person (Stage 2)
-    steps1: int = 700
+    steps1: int = 1800
     steps2: int = 200
     batch1: int = 128
     batch2: int = 12
     lr1: float = 3e-4
     lr2: float = 1e-4
-    ema1: float | None = 0.995              # Stage 1 ships its EMA weights
+    ema1: float | None = None               # Stage 1 ships its raw weights (a short EMA lags them)
     seed: int = 0                           # training seed (the world's seeds are fixed above)
     jobs: int | None = None                 # processes drawing photos; None: all CPU cores
     model: dict[str, Any] = field(default_factory=lambda: dict(DEMO_MODEL))
