@@ -80,6 +80,13 @@ def light_from_sh(params: Params, coeffs) -> dict[str, torch.Tensor]:
     return with_light(params, c.reshape(9, 3))
 
 
+def light_direction(azimuth: float, elevation: float) -> tuple[float, float, float]:
+    """Degrees -> unit vector toward the light (x to the viewer's right, y up, z toward the camera):
+    azimuth turns the light from the front toward the right, elevation raises it."""
+    az, el = math.radians(float(azimuth)), math.radians(float(elevation))
+    return (math.sin(az) * math.cos(el), math.sin(el), math.cos(az) * math.cos(el))
+
+
 def directional_light(direction: Sequence[float], intensity: float = 1.0,
                       color: Sequence[float] = (1.0, 1.0, 1.0), ambient: float = 0.5) -> torch.Tensor:
     """SH coefficients (9,3) of a distant light plus uniform ambient, for the official SH shading.

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from diffusionrig_core.edits import light_direction
 from diffusionrig_core.errors import DiffusionRigError, ImageError, InputError, TrainingError
 
 from .app import Engine, file_digest
@@ -143,12 +144,6 @@ def hex_to_rgb(color: str | None) -> tuple[float, float, float]:
     if m:
         return tuple(min(float(v), 255.0) / 255.0 for v in m.groups())  # type: ignore[return-value]
     raise InputError(f"light colour {color!r} is not a colour like '#ffcc88'")
-
-
-def light_direction(azimuth: float, elevation: float) -> tuple[float, float, float]:
-    """Degrees -> unit vector toward the light (x to the viewer's right, y up, z toward the camera)."""
-    az, el = math.radians(float(azimuth)), math.radians(float(elevation))
-    return (math.sin(az) * math.cos(el), math.sin(el), math.cos(az) * math.cos(el))
 
 
 @dataclass

@@ -125,3 +125,11 @@ def test_with_shape_broadcasts_the_mean_shape():
     assert torch.equal(E.with_shape(p, torch.ones(1, 100))["shape"], torch.ones(2, 100))
     with pytest.raises(InputError, match="mean shape"):
         E.with_shape(p, torch.ones(3, 100))
+
+
+def test_light_direction_angles_point_front_right_and_up():
+    from diffusionrig_core.edits import light_direction
+
+    assert light_direction(0, 0) == pytest.approx((0.0, 0.0, 1.0))
+    assert light_direction(90, 0) == pytest.approx((1.0, 0.0, 0.0), abs=1e-12)
+    assert light_direction(0, 90) == pytest.approx((0.0, 1.0, 0.0), abs=1e-12)
