@@ -22,7 +22,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -303,17 +302,9 @@ def _read_flame_cache(cache: Path, key: str) -> dict[str, np.ndarray] | None:
 
 
 def _write_atomic_safetensors(arrays: dict[str, np.ndarray], target: Path, metadata: dict[str, str]) -> None:
-    from safetensors.numpy import save_file
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .files import atomic_save_safetensors
+
+    atomic_save_safetensors({k: np.ascontiguousarray(v) for k, v in arrays.items()}, target, metadata)
 
 
 def load_flame_model(path: str | Path, cache: bool = True) -> dict[str, np.ndarray]:

@@ -323,7 +323,7 @@ def _read_metadata(meta: dict[str, str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def save_model(model: DiffusionRig, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as .safetensors with its config (and mean shape, metadata), atomically."""
-    from safetensors.torch import save_file
+    from .files import atomic_save_safetensors
 
     p = Path(path)
     # Accept the wrappers a training loop holds: DDP (.module), torch.compile (._orig_mod), FastDenoiser (.model).
@@ -340,14 +340,7 @@ def save_model(model: DiffusionRig, path: str | os.PathLike, metadata: dict[str,
     header = {"format": "pt", CONFIG_KEY: model.config.to_json()}
     if meta:
         header[METADATA_KEY] = json.dumps(meta, default=str)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_save_safetensors(tensors, p, metadata=header)
     return p
 
 

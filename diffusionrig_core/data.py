@@ -25,16 +25,16 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .files import atomic_write_bytes, atomic_write_json, fsync_dir  # noqa: F401 (re-exported)
 from .errors import DiffusionRigError, ImageError, InputError, NoFaceError
 
 PathLike = str | os.PathLike
@@ -44,51 +44,6 @@ VERSION = 1
 SHARD_SIZE = 256
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 BUFFER_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files
-# ---------------------------------------------------------------------------------------------
-def fsync_dir(path: PathLike) -> None:
-    """Make a rename inside ``path`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one.
-
-    Temp file in the same folder, fsync, rename over the target, fsync the folder: a crash at
-    any point leaves at worst a stray ``.tmp-*`` file, never a truncated ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,8 +43,7 @@ import random
 import shutil
 import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,7 +51,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import RigDataset, atomic_write_bytes, atomic_write_json, fsync_dir
+from .data import RigDataset
+from .files import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
 from .errors import CheckpointError, InputError, TrainingError
 
 PathLike = str | os.PathLike
@@ -300,14 +300,6 @@ def _image_to_model(images_uint8: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_file_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -326,7 +318,7 @@ def verify_checkpoint(ck_dir: PathLike) -> dict[str, Any] | None:
         manifest = json.loads((ck_dir / "manifest.json").read_text("utf-8"))
         for name, info in manifest["files"].items():
             f = ck_dir / name
-            if not f.is_file() or f.stat().st_size != int(info["size"]) or _sha256_file(f) != info["sha256"]:
+            if not f.is_file() or f.stat().st_size != int(info["size"]) or sha256_file(f) != info["sha256"]:
                 return None
         return manifest
     except (OSError, ValueError, KeyError, TypeError):
@@ -784,7 +776,7 @@ class Trainer:
             _write_file_synced(tmp / "state.pt", buf.getvalue())
             files = {}
             for f in sorted(tmp.iterdir()):
-                files[f.name] = {"size": f.stat().st_size, "sha256": _sha256_file(f)}
+                files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
             manifest = {"step": self.step, "files": files}
             _write_file_synced(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
             fsync_dir(tmp)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusionrig_core.files import sha256_file
 from diffusionrig_core import pipeline, synthetic
 from diffusionrig_core.checkpoint import load_model
 from diffusionrig_core.errors import CheckpointError, InputError
@@ -111,7 +112,7 @@ def test_demo_build_runs_the_whole_chain_on_the_cpu(tmp_path):
     manifest = json.loads((tmp_path / "out" / "demo.json").read_text())
     assert manifest["person"] == demo.demo_person().id and manifest["config"]["steps1"] == 2
     for kind, path in paths.items():
-        assert manifest["files"][kind]["sha256"] == demo._sha256(path)
+        assert manifest["files"][kind]["sha256"] == sha256_file(path)
         model = load_model(path)
         assert model.config.image_size == 32
     assert load_model(paths["personal"]).mean_shape is not None

@@ -18,7 +18,6 @@ Everything heavy is imported inside the functions (importing this module is chea
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CheckpointError, InputError
+from ..files import sha256_file
 
 DEMO_DATA_DIR = Path(__file__).resolve().parents[1] / "demo_data"
 MODEL_FILES = {"stage1": "stage1.safetensors", "personal": "personal.safetensors"}
@@ -290,14 +290,6 @@ def _mp_context() -> Any:
     return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _export(src: Path, dst: Path, meta: dict[str, Any], float16: bool) -> Path:
     """Write a trained model as a shipped demo file: float16 weights (read back as float32 by
     checkpoint.load_model), metadata that says what it is, no training paths."""
@@ -423,7 +415,7 @@ def build_demo(config: DemoBuildConfig | None = None, log: Callable[[str], None]
         "format": "diffusionrig-demo-v1", "size": cfg.size, "person": person_id, "world_seed": WORLD_SEED,
         "device": str(device) if not str(device).startswith("cuda") else torch.cuda.get_device_name(),
         "torch": torch.__version__, "config": cfg.to_dict(), "seconds": {k: round(v, 1) for k, v in times.items()},
-        "files": {kind: {"name": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for kind, p in paths.items()},
+        "files": {kind: {"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for kind, p in paths.items()},
     }
     manifest["config"].pop("out"), manifest["config"].pop("work")
     (cfg.out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
