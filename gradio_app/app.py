@@ -208,7 +208,7 @@ class Engine:
     @property
     def default_invert(self) -> bool:
         """Whether edits start from the photo's DDIM inversion unless told otherwise. On by default
-        for the demo: its small model draws noisy backgrounds from fresh noise, while the inversion
+        for the demo: from fresh noise its small model does not redraw the photo's own background; the inversion
         keeps the photo's (at three to four times the time on a CPU)."""
         return self.demo if self.config.default_invert is None else self.config.default_invert
 
