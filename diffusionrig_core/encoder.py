@@ -82,6 +82,8 @@ class ResNet(nn.Module):
         self.feature_dim = 8 * width * block.expansion
         self.fc = nn.Linear(self.feature_dim, num_outputs) if num_outputs is not None else None
         for m in self.modules():
+            if getattr(m, "weight", None) is not None and m.weight.is_meta:
+                continue  # shapes only (checkpoint checks); normal_ on meta would import torch._dynamo
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
