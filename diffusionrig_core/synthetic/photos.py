@@ -584,17 +584,12 @@ EDIT_MODES = ("light", "exp", "pose")
 def edited_params(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], mode: str
                   ) -> dict[str, torch.Tensor]:
     """The official inference edits (spec 7): light, exp (+jaw) or global pose from the target."""
-    out = {k: v.clone() for k, v in source.items()}
-    if mode == "light":
-        out["light"] = target["light"].clone()
-    elif mode == "exp":
-        out["exp"] = target["exp"].clone()
-        out["pose"][:, 3:] = target["pose"][:, 3:]
-    elif mode == "pose":
-        out["pose"][:, :3] = target["pose"][:, :3]
-    else:
+    from .. import edits
+
+    transfer = {"light": edits.light_from, "exp": edits.expression_from, "pose": edits.pose_from}
+    if mode not in transfer:
         raise InputError(f"unknown edit mode {mode!r}; use one of {', '.join(EDIT_MODES)}")
-    return out
+    return transfer[mode](source, target)
 
 
 def write_heldout(out_dir: str | Path, person: Person, n_cases: int, seed: int = 0, size: int = 256,
