@@ -8,11 +8,14 @@ a row is a dict with at least ``section``, ``name``, ``value`` and ``unit`` and 
 
 The "model" section measures, on one GPU and the default 256 model:
 * training throughput (images/s) at batch 32 and 4: P2 loss, Adam, gradient clipping at 1.0;
-  ours = bf16 autocast + fused attention + channels_last + torch.compile + fused Adam;
+  ours = bf16 autocast + fused attention + fused GroupNorm/FiLM/SiLU kernels (fused.py) +
+  channels_last + fused Adam, the whole step replayed from one CUDA graph (``--train-compile``
+  tries torch.compile instead);
   baseline = the official recipe (fp16 autocast + GradScaler, eager, legacy attention, Adam);
 * peak training memory at batch 32;
-* DDIM-20 sampling time for 1 and 16 images; ours = bf16 + fused attention, eager, replayed from a
-  CUDA graph, or compiled (variants in ``SAMPLE_VARIANTS``); baseline = float32 eager (official inference).
+* DDIM-20 sampling time for 1 and 16 images; ours = the fast path eager, replayed from a CUDA graph
+  (what the pipeline uses), or compiled (variants in ``SAMPLE_VARIANTS``); baseline = float32 eager
+  (official inference).
 """
 from __future__ import annotations
 
@@ -43,10 +46,9 @@ class BenchOptions:
     sample_batches: tuple[int, ...] = (1, 16)
     steps: str = "ddim20"
     train_iters: int = 10
-    warmup: int = 3
+    warmup: int = 5  # the captured training step: 3 eager steps, then the capture
     sample_repeats: int = 5
     baseline: bool = True
-    compile: bool = True
     config: Any = None  # ModelConfig; default 256 model
     image_size: int | None = None
     log: Callable[[str], None] = print
@@ -110,17 +112,21 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     if fast:
+        from .fast import CapturedStep
+
         net = FastDenoiser(model, compile=compile_mode or False)
-        opt = torch.optim.Adam(params, lr=lr, fused=True)
+        graph = next(model.parameters()).is_cuda and compile_mode not in ("reduce-overhead", "max-autotune")
+        opt = torch.optim.Adam(params, lr=lr, fused=True, capturable=graph)
 
         def step(x0, buffers, t, noise):
+            opt.zero_grad(set_to_none=True)
             loss = diffusion.training_losses(net, x0, buffers, t, noise).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
             opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-        return step
+            return loss.detach()
+        # the same step as train.Trainer: replayed from one CUDA graph after 3 eager warm-up steps
+        return CapturedStep(step) if graph else step
 
     # Official: fp16 autocast around forward + loss, GradScaler, unscale, clip, step.
     set_sdpa(model, False)
@@ -143,9 +149,8 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
 def bench_train(opts: BenchOptions, batch: int, fast: bool) -> Row:
     device = torch.device(opts.device)
     model = _build_model(opts, device)
-    compile_mode = opts.extra.get("train_compile", "default") if (fast and opts.compile) else None
-    if compile_mode == "default":
-        compile_mode = True
+    compile_mode = opts.extra.get("train_compile", "none") if fast else None
+    compile_mode = {"none": None, "default": True}.get(compile_mode, compile_mode)
     budget = opts.extra.get("memory_budget")
     if fast and compile_mode and budget is not None:
         # Inductor's min-cut partitioner then recomputes cheap activations to fit the budget (0..1).
@@ -257,7 +262,9 @@ def model_section(opts: BenchOptions) -> list[Row]:
         add({"section": "model", "name": f"peak training memory, batch {batch}", "value": ours["peak_alloc_gib"],
              "unit": "GiB", "baseline": base and base["peak_alloc_gib"],
              "notes": f"reserved {ours['peak_reserved_gib']:.1f} GiB (official {base and base['peak_reserved_gib']})"})
-    variants = opts.extra.get("sample_variants") or ("official", "fast+compile")
+    variants = opts.extra.get("sample_variants") or ("official", "fast+graph")
+    if device.type != "cuda":  # CUDA graphs need a GPU
+        variants = tuple(v for v in variants if v != "fast+graph")
     timings = {v: bench_ddim(opts, opts.sample_batches, v) for v in variants if v != "official" or opts.baseline}
     base_s = timings.get("official", [None] * len(opts.sample_batches))
     for v, ours_s in timings.items():

@@ -27,7 +27,8 @@ from torch import nn
 from .model import DiffusionRig
 from .unet import AttentionBlock
 
-__all__ = ["FastDenoiser", "GraphedDenoiser", "enable_fast_path", "set_sdpa", "FAST_TOLERANCE"]
+__all__ = ["FastDenoiser", "GraphedDenoiser", "CapturedStep", "compile_regions", "enable_fast_path", "set_sdpa", "set_fused",
+           "FAST_TOLERANCE"]
 
 # Relative L2 error of the fast path against float32 that tests/test_fast.py asserts.
 FAST_TOLERANCE = 4e-2
@@ -40,6 +41,15 @@ def set_sdpa(model: nn.Module, enabled: bool = True) -> None:
             m.use_sdpa = enabled
 
 
+def set_fused(model: nn.Module, enabled: bool = True) -> None:
+    """Switch the UNet's GroupNorm + FiLM + SiLU passes to (or from) the fused op of ``fused.py``."""
+    from .unet import ResBlock, UNetModel
+
+    for m in model.modules():
+        if isinstance(m, (ResBlock, UNetModel)):
+            m.fused = enabled
+
+
 def _device_type(model: nn.Module) -> str:
     return next(model.parameters()).device.type
 
@@ -49,27 +59,37 @@ class FastDenoiser(nn.Module):
 
     The wrapped model is changed in place (fused attention, channels_last); its parameters stay
     float32 so training with autocast and an fp32 optimizer works through this wrapper too.
-    ``compile``: False, True (inductor default mode) or a torch.compile mode string, e.g.
-    "max-autotune-no-cudagraphs" for training or "reduce-overhead" (CUDA graphs) for sampling.
+    ``compile``: False, True (inductor default mode), "regions" (each UNet block compiled on its own:
+    the same kernels, several times less compile time; ``compile_regions``) or a torch.compile mode
+    string, e.g. "max-autotune-no-cudagraphs" for training or "reduce-overhead" (CUDA graphs) for sampling.
     Outputs are float32.
     """
 
     def __init__(self, model: DiffusionRig, dtype: torch.dtype = torch.bfloat16, compile: bool | str = False,
-                 channels_last: bool | None = None, sdpa: bool = True):
+                 channels_last: bool | None = None, sdpa: bool = True, fused: bool | None = None):
         super().__init__()
+        from .fused import triton_available
+
         self.model = model
         self.dtype = dtype
-        # channels_last pays only when compiled: eager GroupNorm on channels_last inputs is slow
-        # (H100, DDIM-20 of 16 images in eager bf16: 2.72 s channels_last vs 2.01 s NCHW).
+        if fused is None:  # the Triton kernels: CUDA only, and torch.compile fuses by itself
+            fused = not compile and _device_type(model) == "cuda" and triton_available()
+        self.fused = fused
+        # channels_last pays only with fused norms: eager GroupNorm on channels_last inputs is slow
+        # (H100, DDIM-20 of 16 images in eager bf16: 2.72 s channels_last vs 2.01 s NCHW), while
+        # NCHW makes cuDNN transpose every convolution's input and output.
         if channels_last is None:
-            channels_last = bool(compile)
+            channels_last = bool(compile) or fused
         self.channels_last = channels_last
         set_sdpa(model, sdpa)
+        set_fused(model, fused)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.cudagraphs = compile == "reduce-overhead" or compile == "max-autotune"
         self.unet: Any = model.denoisingUNet
-        if compile:
+        if compile == "regions":
+            compile_regions(model.denoisingUNet)
+        elif compile:
             mode = None if compile is True else compile
             self.unet = torch.compile(model.denoisingUNet, mode=mode, dynamic=False)
 
@@ -103,6 +123,20 @@ class FastDenoiser(nn.Module):
         # CUDA-graph outputs live in a pool the next replay overwrites.
         return eps.clone() if self.cudagraphs else eps
 
+    def graphed(self, buffers: torch.Tensor, latent: torch.Tensor, x_example: torch.Tensor) -> "GraphedDenoiser":
+        """A ``denoise(x, t)`` for these conditions replayed from a CUDA graph, kept per batch shape
+        (the two most recent): sampling a second photo of the same size captures nothing new."""
+        graphs: list[GraphedDenoiser] = self.__dict__.setdefault("_graphs", [])
+        for g in graphs:
+            if g.fits(buffers, latent, x_example):
+                graphs.remove(g)
+                graphs.append(g)
+                return g.bind(buffers, latent)
+        g = GraphedDenoiser(self, buffers, latent, x_example)
+        graphs.append(g)
+        del graphs[:-2]
+        return g
+
 
 def enable_fast_path(model: DiffusionRig, compile: bool | str = False, dtype: torch.dtype = torch.bfloat16,
                      channels_last: bool | None = None) -> FastDenoiser:
@@ -113,8 +147,10 @@ def enable_fast_path(model: DiffusionRig, compile: bool | str = False, dtype: to
 class GraphedDenoiser:
     """``denoise(x, t)`` replayed from one captured CUDA graph: no per-kernel launch cost.
 
-    Built for a fixed batch shape, buffers and latent (one sampling call); ``net`` is the model or a
-    FastDenoiser. The first calls (cuDNN algorithm search) run on a side stream before capture.
+    Built for a fixed batch shape; ``net`` is the model or a FastDenoiser. The buffers and latent
+    are copied into the graph's own tensors, so ``bind`` can point one graph at another photo's
+    conditioning of the same shape (``FastDenoiser.graphed`` keeps graphs per shape). The first
+    calls (cuDNN algorithm search, Triton compilation) run on a side stream before capture.
     """
 
     def __init__(self, net, buffers: torch.Tensor, latent: torch.Tensor, x_example: torch.Tensor, warmup: int = 2):
@@ -122,18 +158,91 @@ class GraphedDenoiser:
             raise ValueError("CUDA graphs need CUDA tensors")
         self.static_x = x_example.detach().clone()
         self.static_t = torch.zeros(x_example.shape[0], dtype=torch.long, device=x_example.device)
+        self.static_buffers = buffers.detach().clone()
+        self.static_latent = latent.detach().clone()
+        args = (self.static_x, self.static_t, self.static_buffers, self.static_latent)
         stream = torch.cuda.Stream(device=x_example.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(warmup):
-                net(self.static_x, self.static_t, buffers, latent)
+                net(*args)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.static_out = net(self.static_x, self.static_t, buffers, latent)
+            self.static_out = net(*args)
+
+    def fits(self, buffers: torch.Tensor, latent: torch.Tensor, x: torch.Tensor) -> bool:
+        return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                   for a, b in ((self.static_buffers, buffers), (self.static_latent, latent), (self.static_x, x)))
+
+    def bind(self, buffers: torch.Tensor, latent: torch.Tensor) -> "GraphedDenoiser":
+        self.static_buffers.copy_(buffers)
+        self.static_latent.copy_(latent)
+        return self
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.static_x.copy_(x)
         self.static_t.copy_(t)
         self.graph.replay()
         return self.static_out.clone()
+
+
+def compile_regions(unet: nn.Module, mode: str | None = None, dynamic: bool | None = False) -> None:
+    """``torch.compile`` each block of the UNet in place instead of the whole network.
+
+    Blocks of the same shape share one compiled graph, so this compiles several times faster than
+    compiling the UNet as one graph, and the fused kernels (GroupNorm + FiLM + SiLU + dropout) are
+    the same. The few graph breaks between blocks cost host time only, which a captured step
+    (``CapturedStep``) removes.
+    """
+    import torch._dynamo
+
+    # One compiled graph per distinct block shape: more than the default limit of 8 per code object.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks, unet.out]
+    for block in blocks:
+        block.compile(mode=mode, dynamic=dynamic)
+
+
+class CapturedStep:
+    """A whole training step (forward, loss, backward, clipping, optimizer) replayed from one CUDA graph.
+
+    ``fn(*inputs) -> loss`` must allocate the same tensors every call, set gradients to None at its
+    start, and sync nothing to the host (fused/capturable Adam, foreach clipping). The first
+    ``warmup`` calls run ``fn`` eagerly on a side stream (cuDNN's algorithm search, torch.compile,
+    the allocator's warm-up); they are real steps. The next call captures the graph and every call
+    from then on copies its inputs into the graph's static inputs and replays it, so a step costs one
+    launch instead of a few thousand. Dropout stays random: PyTorch's generator advances its
+    offset on every replay.
+    """
+
+    def __init__(self, fn, warmup: int = 3):
+        self.fn = fn
+        self.warmup = warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_inputs: list[torch.Tensor] = []
+        self.static_out: Any = None
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream(device=inputs[0].device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.static_inputs = [x.detach().clone() for x in inputs]
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the DataLoader's pin-memory thread may touch CUDA while this captures.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.static_out = self.fn(*self.static_inputs)
+        for static, x in zip(self.static_inputs, inputs):
+            static.copy_(x)
+        self.graph.replay()
+        return self.static_out

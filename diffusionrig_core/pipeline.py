@@ -777,6 +777,16 @@ def _fast_model(model, fast: bool | None):
     return _FAST[model]
 
 
+def _denoiser(model, fast: bool | None, buffers: torch.Tensor, latent: torch.Tensor, x: torch.Tensor):
+    """(denoise, conditioning) for the samplers: on CUDA the fast path replayed from a CUDA graph
+    (kept per batch shape), which makes a step cost the GPU's time instead of the host's."""
+    net = _fast_model(model, fast)
+    if net is model or x.device.type != "cuda":
+        return net, (buffers, latent)
+    with torch.no_grad():
+        return net.graphed(buffers, latent, x), (None, None)
+
+
 def _progress(callback: Progress | None):
     """Our callbacks are ``callback(done, total)``; the samplers call ``(index, total, x)``."""
     if callback is None:
@@ -805,10 +815,11 @@ def sample(model, buffers: torch.Tensor, latent: torch.Tensor, seeds: list[int] 
         noise = make_noise((b, 3, s, s), seed_list, dev)
     elif tuple(noise.shape) != (b, 3, s, s):
         raise InputError(f"noise must be (B,3,S,S) = {(b, 3, s, s)}, got {tuple(noise.shape)}")
-    net = _fast_model(model, fast)
     model.eval()
+    noise = noise.to(dev, torch.float32)
+    denoise, cond = _denoiser(model, fast, buffers, latent, noise)
     with torch.no_grad():
-        x = sampling.ddim_sample(net, noise.to(dev, torch.float32), buffers, latent, steps=_steps(steps),
+        x = sampling.ddim_sample(denoise, noise, *cond, steps=_steps(steps),
                                  eta=float(eta), clip_denoised=True, seeds=seed_list, callback=_progress(callback))
     return ((x.float() + 1) / 2).clamp(0, 1)
 
@@ -827,12 +838,12 @@ def invert(model, images: torch.Tensor, buffers: torch.Tensor, latent: torch.Ten
         raise InputError(f"images must be (B,3,S,S) matching the buffers, got {tuple(images.shape)}")
     if not 0 <= int(refine) <= 20:
         raise InputError(f"refine must be between 0 and 20 fixed-point iterations, got {refine}")
-    net = _fast_model(model, fast)
     model.eval()
     x0 = images.to(buffers.device, torch.float32) * 2 - 1
+    denoise, cond = _denoiser(model, fast, buffers, latent, x0)
     from . import sampling
 
-    return sampling.ddim_invert(net, x0, buffers, latent, steps=_steps(steps), refine=int(refine),
+    return sampling.ddim_invert(denoise, x0, *cond, steps=_steps(steps), refine=int(refine),
                                 callback=_progress(callback))
 
 

@@ -79,6 +79,7 @@ class ResBlock(nn.Module):
         self.channels, self.out_channels = channels, out_channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.up, self.down = up, down
+        self.fused = False  # fast path: fused.norm_affine_silu for both norms (fast.set_fused)
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
@@ -98,12 +99,17 @@ class ResBlock(nn.Module):
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
-            return F.interpolate(x, scale_factor=2, mode="nearest")
+            # CUDA autocast would upsample in float32 (and every later block would follow); nearest
+            # upsampling only copies values, so keep the input's dtype.
+            with torch.autocast(x.device.type, enabled=False):
+                return F.interpolate(x, scale_factor=2, mode="nearest")
         if self.down:
             return F.avg_pool2d(x, kernel_size=2, stride=2)
         return x
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.use_scale_shift_norm:
+            return self._forward_fused(x, emb, z)
         if self.up or self.down:
             norm, act, conv = self.in_layers
             h = conv(self._resample(act(norm(x))))
@@ -122,6 +128,29 @@ class ResBlock(nn.Module):
         scale, shift = g.chunk(2, dim=1)
         h = h * (1 + scale) + shift
         h = out_rest(h)
+        return self.skip_connection(x) + h
+
+    def _forward_fused(self, x: torch.Tensor, emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The same block with each norm, its FiLMs, the SiLU (and dropout) fused before the conv
+        (two FiLMs in a row are one affine map per sample and channel, folded into the norm's own
+        weight and bias); the backward keeps only the norms' inputs (fused.py)."""
+        from .fused import norm_affine_silu, norm_affine_silu_conv  # (imports Triton on CUDA machines: only when used)
+
+        norm1, _, conv1 = self.in_layers
+        batch = x.shape[0]
+        weight, bias = norm1.weight.expand(batch, -1), norm1.bias.expand(batch, -1)
+        if self.up or self.down:
+            h = conv1(self._resample(norm_affine_silu(x, norm1.num_groups, weight, bias, norm1.eps)))
+            x = self._resample(x)
+        else:
+            h = norm_affine_silu_conv(x, norm1.num_groups, weight, bias, conv1, eps=norm1.eps)
+        s_t, b_t = self.emb_layers(emb).float().chunk(2, dim=1)
+        s_z, b_z = self.cond_emb_layers(z).float().chunk(2, dim=1)
+        norm2, _, dropout, conv2 = self.out_layers
+        scale = norm2.weight * (1 + s_t) * (1 + s_z)
+        shift = (norm2.bias * (1 + s_t) + b_t) * (1 + s_z) + b_z
+        p = dropout.p if self.training else 0.0
+        h = norm_affine_silu_conv(h, norm2.num_groups, scale, shift, conv2, dropout=p, eps=norm2.eps)
         return self.skip_connection(x) + h
 
 
@@ -276,6 +305,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(int(channel_mult[0] * model_channels), out_channels, 3, padding=1))
         )
+        self.fused = False  # fast path: the output norm + SiLU as one pass (fast.set_fused)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """x (B,3,H,W), integer timesteps (B,), buffers (B,9,H,W), latent (B,latent_dim) -> (B,out,H,W)."""
@@ -292,4 +322,10 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, latent)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, latent)
+        if self.fused:
+            from .fused import norm_affine_silu_conv
+
+            norm = self.out[0]
+            weight, bias = norm.weight.expand(h.shape[0], -1), norm.bias.expand(h.shape[0], -1)
+            return norm_affine_silu_conv(h, norm.num_groups, weight, bias, self.out[2], eps=norm.eps).to(x.dtype)
         return self.out(h).to(x.dtype)

@@ -109,7 +109,7 @@ def test_bench_model_section_runs_on_the_cpu_with_the_tiny_model():
     rows = []
     opts = bench.BenchOptions(device="cpu", config=ModelConfig.tiny(), train_batches=(1,), sample_batches=(1,),
                               steps="ddim2", train_iters=1, warmup=1, sample_repeats=1, baseline=False,
-                              compile=False, extra={"sample_variants": ("fast",)}, log=lambda s: None)
+                              extra={"sample_variants": ("fast",)}, log=lambda s: None)
     rows = bench.run_sections(["model"], opts)
     names = [r["name"] for r in rows]
     assert names == ["training images/s, batch 1", "peak training memory, batch 1", "DDIM ddim2, 1 image(s), fast"]

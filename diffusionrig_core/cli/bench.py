@@ -27,17 +27,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--steps", default="ddim20", help="DDIM respacing (default ddim20)")
     p.add_argument("--iters", type=int, default=10, help="timed training steps per measurement")
     p.add_argument("--no-baseline", action="store_true", help="skip the official-equivalent runs")
-    p.add_argument("--no-compile", action="store_true", help="do not use torch.compile in our fast path")
-    p.add_argument("--train-compile", default="default",
-                   help="torch.compile mode for training (default, max-autotune-no-cudagraphs, ...)")
+    p.add_argument("--train-compile", default="none",
+                   help="torch.compile mode for our training step: none (the fused kernels replayed from one CUDA "
+                        "graph, the default), default, regions, max-autotune-no-cudagraphs, ...")
     p.add_argument("--memory-budget", type=float, default=None, metavar="F",
                    help="compiled training: activation memory budget in (0, 1] (recompute activations to save memory)")
     p.add_argument("--sample-compile", default="reduce-overhead", help="torch.compile mode for sampling")
-    p.add_argument("--sample-variants", default="official,fast+graph,fast+compile",
+    p.add_argument("--sample-variants", default="official,fast+graph",
                    help="DDIM variants to time, from: official, fast, fast+graph, fast+compile")
     p.add_argument("--repeats", type=int, default=5, help="timed DDIM runs per measurement (median reported)")
     p.add_argument("--channels-last", choices=("auto", "yes", "no"), default="auto",
-                   help="memory format of our fast path (auto: channels_last only when compiled)")
+                   help="memory format of our fast path (auto: channels_last with the fused kernels or when compiled)")
     p.add_argument("--tiny", action="store_true", help="use the tiny test model (a smoke test, e.g. on a CPU)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
     if "quality" not in bench.SECTIONS:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     opts = bench.BenchOptions(
         device=device, train_batches=args.train_batches, sample_batches=args.sample_batches, steps=args.steps,
         train_iters=args.iters, sample_repeats=args.repeats, baseline=not args.no_baseline and device.startswith("cuda"),
-        compile=not args.no_compile, config=ModelConfig.tiny() if args.tiny else None,
+        config=ModelConfig.tiny() if args.tiny else None,
         extra={"train_compile": args.train_compile, "memory_budget": args.memory_budget, "sample_compile": args.sample_compile, "channels_last": {"auto": None, "yes": True, "no": False}[args.channels_last],
                "sample_variants": tuple(v for v in args.sample_variants.split(",") if v), "args": vars(args)},
     )

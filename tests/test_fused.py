@@ -1,0 +1,147 @@
+"""The fused GroupNorm + per-sample affine + SiLU op equals the unfused maths, forward and backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusionrig_core.fused import norm_affine_silu, triton_available
+
+
+def reference(x, groups, A, C, eps=1e-5):
+    return F.silu(F.group_norm(x, groups, eps=eps) * A[..., None, None] + C[..., None, None])
+
+
+def _inputs(shape, groups, dtype=torch.float64, device="cpu", channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(device, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    A = (1 + 0.3 * torch.randn(shape[:2], generator=g, dtype=torch.float64)).to(device, dtype)
+    C = (0.3 * torch.randn(shape[:2], generator=g, dtype=torch.float64)).to(device, dtype)
+    return x.requires_grad_(), A.requires_grad_(), C.requires_grad_()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_norm_affine_silu_equals_group_norm_film_silu_in_float64(channels_last):
+    x, A, C = _inputs((2, 8, 5, 3), 4, channels_last=channels_last)
+    assert torch.allclose(norm_affine_silu(x, 4, A, C).double(), reference(x, 4, A, C), atol=1e-5)
+
+
+def test_fused_backward_equals_autograd_of_the_unfused_maths():
+    # the op computes its statistics in float32 (as the kernels do): a float32 tolerance
+    x, A, C = _inputs((2, 8, 3, 4), 2)
+    x2, A2, C2 = (t.detach().clone().requires_grad_() for t in (x, A, C))
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = norm_affine_silu(x, 2, A, C)
+    ref = reference(x2, 2, A2, C2)
+    g_fused = torch.autograd.grad((out.double() * w).sum(), (x, A, C))
+    g_ref = torch.autograd.grad((ref * w).sum(), (x2, A2, C2))
+    for a, b in zip(g_fused, g_ref):
+        assert torch.allclose(a.double(), b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+def test_fused_output_keeps_the_memory_format_and_dtype():
+    x, A, C = _inputs((1, 4, 4, 4), 2, dtype=torch.bfloat16, channels_last=True)
+    y = norm_affine_silu(x, 2, A, C)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_rejects_channels_not_divisible_into_groups():
+    x, A, C = _inputs((1, 6, 2, 2), 4)
+    with pytest.raises(ValueError, match="divisible"):
+        norm_affine_silu(x, 4, A, C)
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 64, 32, 32), (3, 96, 17, 9), (1, 512, 8, 8)])
+def test_triton_kernels_equal_the_reference_forward_and_backward(shape, channels_last):
+    x, A, C = _inputs(shape, 32, dtype=torch.float32, device="cuda", channels_last=channels_last)
+    w = torch.randn(shape, device="cuda")
+    out = norm_affine_silu(x, 32, A, C)
+    g = torch.autograd.grad((out * w).sum(), (x, A, C))
+    x2, A2, C2 = (t.detach().double().requires_grad_() for t in (x, A, C))
+    ref = reference(x2, 32, A2, C2)
+    g_ref = torch.autograd.grad((ref * w.double()).sum(), (x2, A2, C2))
+    assert torch.allclose(out.double(), ref, atol=1e-4)
+    for a, b in zip(g, g_ref):
+        assert ((a.double() - b).norm() / b.norm()) < 1e-4
+
+
+def test_unet_with_fused_norms_equals_the_official_blocks_forward_and_backward():
+    from diffusionrig_core.fast import set_fused
+    from diffusionrig_core.model import DiffusionRig, ModelConfig
+
+    torch.manual_seed(0)
+    model = DiffusionRig(ModelConfig.tiny()).eval()
+    with torch.no_grad():  # the zero-initialised output convs would hide the second norm's gradient
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    s = model.config.image_size
+    x, buffers = torch.randn(2, 3, s, s), torch.rand(2, 9, s, s)
+    t, latent = torch.tensor([10, 700]), torch.randn(2, model.config.latent_dim)
+
+    def run(fused):
+        set_fused(model, fused)
+        model.zero_grad()
+        out = model.denoisingUNet(x, t, buffers, latent)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (ref, g_ref), (out, g) = run(False), run(True)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert g.keys() == g_ref.keys()
+    # Gradients that a following GroupNorm all but cancels (biases feeding a norm) are differences
+    # of large numbers: compare every gradient on the scale of the largest one.
+    scale = max(float(v.abs().max()) for v in g_ref.values())
+    for name in g:
+        assert float((g[name] - g_ref[name]).abs().max()) < 1e-5 * scale, name
+
+
+def test_fused_norm_silu_dropout_conv_equals_the_unfused_chain_forward_and_backward():
+    from diffusionrig_core.fused import norm_affine_silu_conv
+
+    x, A, C = _inputs((2, 8, 6, 5), 4, dtype=torch.float32)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    w = torch.randn(2, 6, 6, 5)
+    torch.manual_seed(3)
+    out = norm_affine_silu_conv(x, 4, A, C, conv, dropout=0.3)
+    g = torch.autograd.grad((out * w).sum(), (x, A, C, conv.weight, conv.bias))
+    x2, A2, C2 = (t.detach().clone().requires_grad_() for t in (x, A, C))
+    torch.manual_seed(3)  # the same dropout mask: both draw it with one native_dropout call
+    ref = conv(torch.native_dropout(reference(x2, 4, A2, C2), 0.3, True)[0])
+    g_ref = torch.autograd.grad((ref * w).sum(), (x2, A2, C2, conv.weight, conv.bias))
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+def test_unet_on_the_gpu_with_triton_kernels_equals_the_official_blocks():
+    from diffusionrig_core.fast import set_fused
+    from diffusionrig_core.model import DiffusionRig, ModelConfig
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    model = DiffusionRig(ModelConfig.tiny()).cuda().train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.denoisingUNet.to(memory_format=torch.channels_last)
+    s = model.config.image_size
+    x, buffers = torch.randn(2, 3, s, s, device="cuda"), torch.rand(2, 9, s, s, device="cuda")
+    t, latent = torch.tensor([10, 700], device="cuda"), torch.randn(2, model.config.latent_dim, device="cuda")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+    def run(fused):
+        set_fused(model, fused)
+        model.zero_grad()
+        out = model.denoisingUNet(x, t, buffers, latent)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.denoisingUNet.parameters()]
+
+    (ref, g_ref), (out, g) = run(False), run(True)
+    assert (out - ref).norm() / ref.norm() < 1e-4
+    scale = max(float(v.abs().max()) for v in g_ref)
+    assert max(float((a - b).abs().max()) for a, b in zip(g, g_ref)) < 1e-4 * scale
