@@ -84,7 +84,7 @@ def test_training_through_the_fast_path_keeps_float32_parameters_and_gradients(s
     assert all(p.dtype == torch.float32 for p in m.parameters())
 
 
-def test_channels_last_is_used_by_default_only_when_compiling(setup):
+def test_channels_last_is_off_by_default_without_fused_kernels_or_compile(setup):
     model = setup[0]
     assert not FastDenoiser(_fresh_copy(model)).channels_last
     assert FastDenoiser(_fresh_copy(model), channels_last=True).channels_last
@@ -101,6 +101,40 @@ def test_graphed_denoiser_replays_the_same_eps(setup):  # pragma: no cover - GPU
     with torch.no_grad():
         direct = fast(x_t.cuda(), t.cuda(), b, z)
     assert torch.allclose(graphed(x_t.cuda(), t.cuda()), direct, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_training_step_equals_the_eager_step(setup):  # pragma: no cover - GPU only
+    from diffusionrig_core.diffusion import Diffusion
+    from diffusionrig_core.fast import CapturedStep
+
+    model, x0, buffers, noise, t, *_ = setup
+    diffusion = Diffusion.create()
+
+    def trained(captured: bool):
+        m = _fresh_copy(model).cuda().train()
+        for mod in m.modules():  # dropout off: the two runs draw their masks differently
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        net = enable_fast_path(m)
+        params = list(m.parameters())
+        opt = torch.optim.Adam(params, lr=1e-3, fused=True, capturable=captured)
+
+        def step(x0, buffers, t, noise):
+            opt.zero_grad(set_to_none=True)
+            loss = diffusion.training_losses(net, x0, buffers, t, noise).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            return loss.detach()
+
+        run = CapturedStep(step) if captured else step
+        losses = [float(run(x0.cuda(), buffers.cuda(), t.cuda(), noise.cuda() * (1 + k / 10))) for k in range(6)]
+        return losses, torch.cat([p.detach().flatten() for p in params])
+
+    (l_eager, p_eager), (l_graph, p_graph) = trained(False), trained(True)
+    assert l_graph == pytest.approx(l_eager, rel=1e-3)
+    assert (p_graph - p_eager).norm() <= 1e-3 * p_eager.norm()
 
 
 def test_bench_model_section_runs_on_the_cpu_with_the_tiny_model():
