@@ -137,6 +137,19 @@ def test_captured_training_step_equals_the_eager_step(setup):  # pragma: no cove
     assert (p_graph - p_eager).norm() <= 1e-3 * p_eager.norm()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_denoiser_is_reused_for_new_conditions_of_the_same_shape(setup):  # pragma: no cover - GPU only
+    model, x0, buffers, noise, t, latent, x_t, ref = setup
+    fast = enable_fast_path(_fresh_copy(model).cuda().eval())
+    b, z, x, tt = buffers.cuda(), latent.cuda(), x_t.cuda(), t.cuda()
+    first = fast.graphed(b, z, x)
+    second = fast.graphed(b.flip(0), -z, x)
+    assert second is first  # one capture per shape
+    with torch.no_grad():
+        direct = fast(x, tt, b.flip(0), -z)
+    assert torch.allclose(second(x, tt), direct, atol=1e-3)
+
+
 def test_bench_model_section_runs_on_the_cpu_with_the_tiny_model():
     from diffusionrig_core import bench
 
