@@ -95,7 +95,7 @@ class TrainConfig:
     num_workers: int | None = None          # DataLoader workers (stage 1)
     log_interval: int = 10
     fast: bool = True                       # fused attention + channels_last on CUDA
-    compile: bool | str = False             # torch.compile the UNet (True, "regions" or a mode, e.g. "max-autotune-no-cudagraphs")
+    compile: bool | str = False             # torch.compile the UNet (True or a mode, e.g. "max-autotune-no-cudagraphs")
     cuda_graph: bool = True                 # CUDA, one process: replay each step from one captured CUDA graph
     freeze_encoder_bn: bool = False         # stage 2: official keeps encoder BN in train mode
     keep_checkpoints: int = 2               # older checkpoints are deleted

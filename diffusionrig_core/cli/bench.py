@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-baseline", action="store_true", help="skip the official-equivalent runs")
     p.add_argument("--train-compile", default="none",
                    help="torch.compile mode for our training step: none (the fused kernels replayed from one CUDA "
-                        "graph, the default), default, regions, max-autotune-no-cudagraphs, ...")
+                        "graph, the default), default, max-autotune-no-cudagraphs, ...")
     p.add_argument("--memory-budget", type=float, default=None, metavar="F",
                    help="compiled training: activation memory budget in (0, 1] (recompute activations to save memory)")
     p.add_argument("--sample-compile", default="reduce-overhead", help="torch.compile mode for sampling")
