@@ -118,7 +118,9 @@ def test_captured_training_step_equals_the_eager_step(setup):  # pragma: no cove
                 mod.p = 0.0
         net = enable_fast_path(m)
         params = list(m.parameters())
-        opt = torch.optim.Adam(params, lr=1e-3, fused=True, capturable=captured)
+        # SGD: a parameter moves by lr x its gradient, so the runs differ only by rounding (Adam would
+        # turn gradients that are pure rounding noise, e.g. of biases feeding a GroupNorm, into lr-sized steps)
+        opt = torch.optim.SGD(params, lr=0.05, foreach=True)
 
         def step(x0, buffers, t, noise):
             opt.zero_grad(set_to_none=True)
@@ -132,9 +134,18 @@ def test_captured_training_step_equals_the_eager_step(setup):  # pragma: no cove
         losses = [float(run(x0.cuda(), buffers.cuda(), t.cuda(), noise.cuda() * (1 + k / 10))) for k in range(6)]
         return losses, torch.cat([p.detach().flatten() for p in params])
 
-    (l_eager, p_eager), (l_graph, p_graph) = trained(False), trained(True)
+    benchmark, deterministic = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        (l_eager, p_eager), (l_graph, p_graph) = trained(False), trained(True)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
+    p_start = torch.cat([p.detach().flatten() for p in model.parameters()]).cuda()
     assert l_graph == pytest.approx(l_eager, rel=1e-3)
-    assert (p_graph - p_eager).norm() <= 1e-3 * p_eager.norm()
+    moved = (p_eager - p_start).norm()
+    assert moved > 0
+    # the two runs agree to a small fraction of how far the six steps moved the weights
+    assert (p_graph - p_eager).norm() <= 1e-2 * moved
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -145,3 +145,18 @@ def test_unet_on_the_gpu_with_triton_kernels_equals_the_official_blocks():
     assert (out - ref).norm() / ref.norm() < 1e-4
     scale = max(float(v.abs().max()) for v in g_ref)
     assert max(float((a - b).abs().max()) for a, b in zip(g, g_ref)) < 1e-4 * scale
+
+
+@pytest.mark.parametrize("up", [True, False])
+def test_fast_resampling_on_channels_last_equals_the_official_resampling(up):
+    from diffusionrig_core.unet import ResBlock
+
+    block = ResBlock(32, 16, 4, 0.0, up=up, down=not up)
+    x = torch.randn(2, 32, 6, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn((2, 32, 12, 8) if up else (2, 32, 3, 2))
+    fast, ref = block._resample_fast(x), block._resample(x)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(fast, ref, atol=1e-6)
+    g_fast, = torch.autograd.grad((fast * w).sum(), x)
+    g_ref, = torch.autograd.grad((ref * w).sum(), x)
+    assert torch.allclose(g_fast, g_ref, atol=1e-6)
