@@ -11,8 +11,8 @@ What changes numerically and what does not:
 
 Host time matters as much as GPU time here (a 256 step launches ~2,000 kernels): ``GraphedDenoiser``
 replays a denoiser from one CUDA graph and ``CapturedStep`` a whole training step. Measured on an
-H100 (docs/PERFORMANCE.md): training 135 images/s at batch 32 (official recipe 63), DDIM-20 of one
-image 0.138 s (official 0.62 s), with no compilation warm-up. ``torch.compile`` remains an option.
+H100 (docs/PERFORMANCE.md): training 148 images/s at batch 32 (official recipe 63), DDIM-20 of one
+image 0.134 s (official 0.62 s), with no compilation warm-up. ``torch.compile`` remains an option.
 
 Stated tolerance (``FAST_TOLERANCE``, asserted by tests/test_fast.py): the relative L2 error of bf16 eps,
 latents and DDIM samples against float32 stays below 4e-2. Measured: eps 2.3e-2 on a random tiny model
