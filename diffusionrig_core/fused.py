@@ -22,6 +22,8 @@ any machine (``tests/test_fused.py``).
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,13 @@ except ImportError:  # pragma: no cover - depends on the installed PyTorch
 
 
 def triton_available() -> bool:
-    return triton is not None and torch.cuda.is_available()
+    """Triton is installed and the GPU can run its kernels (compute capability 7.0 or newer)."""
+    return triton is not None and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (7, 0)
+
+
+@lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +244,7 @@ def _partial_sums(x, dy=None, a=None, c=None, mask=None, scale: float = 1.0):
     block_hw = 32 if cl else 256
     c_blocks = triton.cdiv(C, block_c)
     # enough programs to fill the GPU several times over; each chunk a multiple of the tile
-    want = max(1, (4 * 132) // (B * c_blocks))
+    want = max(1, (4 * _multiprocessors(x.device.index or 0)) // (B * c_blocks))
     chunk = triton.cdiv(triton.cdiv(HW, want), block_hw) * block_hw
     n_chunks = triton.cdiv(HW, chunk)
     out1 = torch.empty((B, n_chunks, C), device=x.device, dtype=torch.float32)
