@@ -599,7 +599,8 @@ class Trainer:
         # One CUDA graph per step removes the host's kernel-launch cost (~65 ms a step at batch 4,
         # more than the GPU work). Not under DDP: its gradient hooks run on the host.
         self.captured = None
-        if cfg.cuda_graph and self.fast and self.ctx.world == 1:
+        own_graphs = cfg.compile in ("reduce-overhead", "max-autotune")  # torch.compile's CUDA graphs instead
+        if cfg.cuda_graph and self.fast and self.ctx.world == 1 and not own_graphs:
             from .fast import CapturedStep
 
             self.captured = CapturedStep(self._step)
