@@ -115,7 +115,7 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
         from .fast import CapturedStep
 
         net = FastDenoiser(model, compile=compile_mode or False)
-        graph = next(model.parameters()).is_cuda and compile_mode not in ("reduce-overhead", "max-autotune")
+        graph = next(model.parameters()).is_cuda and not net.cudagraphs  # (not inside torch.compile's own)
         opt = torch.optim.Adam(params, lr=lr, fused=True, capturable=graph)
 
         def step(x0, buffers, t, noise):

@@ -54,6 +54,10 @@ def set_fused(model: nn.Module, enabled: bool = True) -> None:
             m.fused = enabled
 
 
+def _param_addresses(net: nn.Module) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for p in net.parameters())
+
+
 def _device_type(model: nn.Module) -> str:
     return next(model.parameters()).device.type
 
@@ -128,9 +132,7 @@ class FastDenoiser(nn.Module):
         """A ``denoise(x, t)`` for these conditions replayed from a CUDA graph, kept per batch shape
         (the two most recent): sampling a second photo of the same size captures nothing new."""
         graphs: list[GraphedDenoiser] = self.__dict__.setdefault("_graphs", [])
-        # A graph reads the parameters where they were at capture: a model moved or reloaded into
-        # new tensors needs a new one.
-        params = tuple(p.data_ptr() for p in self.model.parameters())
+        params = _param_addresses(self)
         graphs[:] = [g for g in graphs if g.params == params]
         for g in graphs:
             if g.fits(buffers, latent, x_example):
@@ -138,7 +140,6 @@ class FastDenoiser(nn.Module):
                 graphs.append(g)
                 return g.bind(buffers, latent)
         g = GraphedDenoiser(self, buffers, latent, x_example)
-        g.params = params
         graphs.append(g)
         del graphs[:-2]
         return g
@@ -176,7 +177,9 @@ class GraphedDenoiser:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
             self.static_out = net(*args)
-        self.params: tuple[int, ...] = ()
+        # The graph reads the parameters where they were at capture: a model moved or reloaded
+        # into new tensors needs a new graph.
+        self.params = _param_addresses(net)
 
     def fits(self, buffers: torch.Tensor, latent: torch.Tensor, x: torch.Tensor) -> bool:
         return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device

@@ -296,9 +296,13 @@ def _backward_triton(x, dy, A, a, c, mean, rstd, groups: int, mask=None, scale: 
     return _apply_triton(x, a, c, mask, scale, dy, u, v), dA, dC
 
 
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and triton is not None
+
+
 def _channel_totals(t: torch.Tensor) -> torch.Tensor:
     """Sum over everything but dim 1 (a conv bias's gradient), in float32."""
-    if t.is_cuda and triton is not None:
+    if _use_triton(t):
         return _partial_sums(t)[0].sum((0, 1))
     return t.float().sum([d for d in range(t.ndim) if d != 1])
 
@@ -335,7 +339,7 @@ def _backward(x, dy, A, a, c, mean, rstd, groups, use_triton, mask=None, scale=1
 class _NormAffineSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, C, groups: int, eps: float):
-        use_triton = x.is_cuda and triton is not None
+        use_triton = _use_triton(x)
         a, c, mean, rstd = _coefficients(x, A, C, groups, eps, use_triton)
         ctx.save_for_backward(x, A, a, c, mean, rstd)
         ctx.groups, ctx.use_triton = groups, use_triton
@@ -358,7 +362,7 @@ class _NormAffineSiLUConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, C, groups: int, eps: float, weight, bias, p: float):
-        use_triton = x.is_cuda and triton is not None
+        use_triton = _use_triton(x)
         a, c, mean, rstd = _coefficients(x, A, C, groups, eps, use_triton)
         y = _apply(x, a, c, use_triton)
         mask = None
@@ -386,15 +390,21 @@ class _NormAffineSiLUConv(torch.autograd.Function):
         return dx, dA, dC, None, None, dw.to(weight.dtype), db, None
 
 
+def _prepare(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor):
+    if x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} channels are not divisible into {groups} groups")
+    batch = x.shape[0]
+    return _contiguous(x), A.float().expand(batch, -1), C.float().expand(batch, -1)
+
+
 def norm_affine_silu(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """``SiLU(GroupNorm(x, groups, no affine) * A[..., None, None] + C[..., None, None])``.
 
     ``x`` (B, C, ...) in any float dtype, NCHW or channels_last (the output keeps both);
-    ``A``, ``C`` (B, C) per-sample scale and shift (computed in float32). Differentiable in all three.
+    ``A``, ``C`` per-sample (B, C) or per-channel (C,) scale and shift (computed in float32; a
+    GroupNorm's own weight and bias are the per-channel case). Differentiable in all three.
     """
-    if x.shape[1] % groups:
-        raise ValueError(f"{x.shape[1]} channels are not divisible into {groups} groups")
-    return _NormAffineSiLU.apply(_contiguous(x), A.float(), C.float(), groups, eps)
+    return _NormAffineSiLU.apply(*_prepare(x, groups, A, C), groups, eps)
 
 
 def norm_affine_silu_conv(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, conv: torch.nn.Conv2d,
@@ -405,7 +415,4 @@ def norm_affine_silu_conv(x: torch.Tensor, groups: int, A: torch.Tensor, C: torc
     when positive (pass 0 in eval mode). The conv runs in ``x``'s dtype; its float32 parameters
     receive float32 gradients.
     """
-    if x.shape[1] % groups:
-        raise ValueError(f"{x.shape[1]} channels are not divisible into {groups} groups")
-    return _NormAffineSiLUConv.apply(_contiguous(x), A.float(), C.float(), groups, eps, conv.weight, conv.bias,
-                                     float(dropout))
+    return _NormAffineSiLUConv.apply(*_prepare(x, groups, A, C), groups, eps, conv.weight, conv.bias, float(dropout))
