@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-__all__ = ["norm_affine_silu", "norm_affine_silu_conv", "triton_available"]
+__all__ = ["bias_add", "norm_affine_silu", "norm_affine_silu_conv", "triton_available"]
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds run the PyTorch fallback.
     import triton
@@ -58,16 +58,26 @@ def _silu_grad(z: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return dy * sig * (1 + z * (1 - sig))
 
 
-def _coefficients_torch(x, A, C, groups: int, eps: float):
+def _coefficients_torch(x, A, C, beta, groups: int, eps: float):
     B, ch = x.shape[:2]
     rep = ch // groups
     xf = x.float().flatten(2)
-    n = rep * xf.shape[-1]
-    mean = xf.sum(-1).view(B, groups, rep).sum(-1) / n
-    var = ((xf * xf).sum(-1).view(B, groups, rep).sum(-1) / n - mean * mean).clamp_min(0)
+    hw = xf.shape[-1]
+    s1, s2 = xf.sum(-1), (xf * xf).sum(-1)
+    if beta is not None:  # the statistics of x + beta from those of x
+        s1, s2, raw = s1 + hw * beta, s2 + 2 * beta * s1 + hw * beta * beta, s1
+    mean = s1.view(B, groups, rep).sum(-1) / (rep * hw)
+    var = (s2.view(B, groups, rep).sum(-1) / (rep * hw) - mean * mean).clamp_min(0)
     rstd = torch.rsqrt(var + eps)
     a = A * rstd.repeat_interleave(rep, dim=1)
-    return a, C - mean.repeat_interleave(rep, dim=1) * a, mean, rstd
+    c = C - _channel_mean(mean, beta, rep) * a
+    return a, c, mean, rstd, (raw if beta is not None else None)
+
+
+def _channel_mean(mean: torch.Tensor, beta, rep: int) -> torch.Tensor:
+    """Each channel's group mean in the coordinates of the raw x (x + beta is what is normalised)."""
+    m = mean.repeat_interleave(rep, dim=1)
+    return m if beta is None else m - beta
 
 
 def _apply_torch(x, a, c, mask=None, scale: float = 1.0):
@@ -77,7 +87,7 @@ def _apply_torch(x, a, c, mask=None, scale: float = 1.0):
     return y.to(x.dtype)
 
 
-def _backward_torch(x, dy, A, a, c, mean, rstd, groups: int, mask=None, scale: float = 1.0):
+def _backward_torch(x, dy, A, a, c, mean, rstd, beta, groups: int, mask=None, scale: float = 1.0):
     B, ch = x.shape[:2]
     rep = ch // groups
     xf, dyf = x.float(), dy.float()
@@ -86,16 +96,16 @@ def _backward_torch(x, dy, A, a, c, mean, rstd, groups: int, mask=None, scale: f
     dz = _silu_grad(xf * _bcast(a, x) + _bcast(c, x), dyf)
     n = rep * xf[0, 0].numel()
     sdz, sdzx = dz.flatten(2).sum(-1), (dz * xf).flatten(2).sum(-1)
-    mean_c, rstd_c = mean.repeat_interleave(rep, dim=1), rstd.repeat_interleave(rep, dim=1)
+    mean_c, rstd_c = _channel_mean(mean, beta, rep), rstd.repeat_interleave(rep, dim=1)
     dC = sdz                                      # sum over the pixels of dz
     dA = rstd_c * (sdzx - mean_c * sdz)           # sum of dz * x_hat
     g1 = (A * dC).view(B, groups, rep).sum(-1)    # sum over the group of d x_hat
     g2 = (A * dA).view(B, groups, rep).sum(-1)    # sum over the group of d x_hat * x_hat
     # dx = rstd (A dz - g1 / n - x_hat g2 / n) = a dz + u x + v, per (b, c)
     u = (-(rstd * rstd) * g2 / n).repeat_interleave(rep, dim=1)
-    v = ((mean * rstd * rstd * g2 - rstd * g1) / n).repeat_interleave(rep, dim=1)
+    v = mean_c * (rstd * rstd * g2 / n).repeat_interleave(rep, dim=1) - (rstd * g1 / n).repeat_interleave(rep, dim=1)
     dx = dz * _bcast(a, x) + xf * _bcast(u, x) + _bcast(v, x)
-    return dx.to(x.dtype), dA, dC
+    return dx.to(x.dtype), dA, dC, u, v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,28 +169,35 @@ if triton is not None:
         return s1, s2
 
     @triton.jit
-    def _coef_kernel(p1_ptr, p2_ptr, A_ptr, C_ptr, a_ptr, c_ptr, mean_ptr, rstd_ptr, C, n_chunks, cpg, n, eps,
-                     BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
+    def _coef_kernel(p1_ptr, p2_ptr, A_ptr, C_ptr, beta_ptr, a_ptr, c_ptr, mean_ptr, rstd_ptr, raw_ptr, C, sA, n_chunks,
+                     cpg, hw, eps, HAS_BETA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
         # Program (b, group): the group's mean and 1/std, then a = A / std, c = C - mean a per channel.
+        # With an input bias beta the statistics are those of x + beta, from the sums of x.
         b = tl.program_id(0)
         g = tl.program_id(1)
         j = tl.arange(0, BLOCK_CPG)
         cm = j < cpg
         ch = g * cpg + j
         s1, s2 = _group_sums(p1_ptr, p2_ptr, b, ch, cm, C, n_chunks, BLOCK_K, BLOCK_CPG)
+        beta = tl.zeros((BLOCK_CPG,), tl.float32)
+        if HAS_BETA:
+            beta = tl.load(beta_ptr + ch, mask=cm, other=0.0)
+            tl.store(raw_ptr + b * C + ch, s1, mask=cm)
+            s2 = s2 + 2.0 * beta * s1 + hw * beta * beta
+            s1 = s1 + hw * beta
+        n = hw * cpg
         mean = tl.sum(s1, axis=0) / n
         var = tl.maximum(tl.sum(s2, axis=0) / n - mean * mean, 0.0)
         rstd = 1.0 / tl.sqrt(var + eps)
-        A = tl.load(A_ptr + b * C + ch, mask=cm, other=0.0)
-        a = A * rstd
+        a = tl.load(A_ptr + b * sA + ch, mask=cm, other=0.0) * rstd
         tl.store(a_ptr + b * C + ch, a, mask=cm)
-        tl.store(c_ptr + b * C + ch, tl.load(C_ptr + b * C + ch, mask=cm, other=0.0) - mean * a, mask=cm)
+        tl.store(c_ptr + b * C + ch, tl.load(C_ptr + b * sA + ch, mask=cm, other=0.0) - (mean - beta) * a, mask=cm)
         tl.store(mean_ptr + b * tl.num_programs(1) + g, mean)
         tl.store(rstd_ptr + b * tl.num_programs(1) + g, rstd)
 
     @triton.jit
-    def _bwd_coef_kernel(p1_ptr, p2_ptr, A_ptr, mean_ptr, rstd_ptr, dA_ptr, dC_ptr, u_ptr, v_ptr, C, n_chunks, cpg, n,
-                         BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
+    def _bwd_coef_kernel(p1_ptr, p2_ptr, A_ptr, beta_ptr, mean_ptr, rstd_ptr, dA_ptr, dC_ptr, u_ptr, v_ptr, C, sA,
+                         n_chunks, cpg, n, HAS_BETA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
         # Program (b, group): dA, dC per channel and the u, v of dx = a dz + u x + v (_backward_torch).
         b = tl.program_id(0)
         g = tl.program_id(1)
@@ -188,18 +205,18 @@ if triton is not None:
         cm = j < cpg
         ch = g * cpg + j
         sdz, sdzx = _group_sums(p1_ptr, p2_ptr, b, ch, cm, C, n_chunks, BLOCK_K, BLOCK_CPG)
-        mean = tl.load(mean_ptr + b * tl.num_programs(1) + g)
         rstd = tl.load(rstd_ptr + b * tl.num_programs(1) + g)
-        A = tl.load(A_ptr + b * C + ch, mask=cm, other=0.0)
-        dA = rstd * (sdzx - mean * sdz)
+        mean_c = tl.load(mean_ptr + b * tl.num_programs(1) + g) + tl.zeros((BLOCK_CPG,), tl.float32)
+        if HAS_BETA:
+            mean_c = mean_c - tl.load(beta_ptr + ch, mask=cm, other=0.0)
+        A = tl.load(A_ptr + b * sA + ch, mask=cm, other=0.0)
+        dA = rstd * (sdzx - mean_c * sdz)
         g1 = tl.sum(A * sdz, axis=0)
         g2 = tl.sum(A * dA, axis=0)
-        u = -(rstd * rstd) * g2 / n
-        v = (mean * rstd * rstd * g2 - rstd * g1) / n
         tl.store(dA_ptr + b * C + ch, dA, mask=cm)
         tl.store(dC_ptr + b * C + ch, sdz, mask=cm)
-        tl.store(u_ptr + b * C + ch, u + 0.0 * A, mask=cm)
-        tl.store(v_ptr + b * C + ch, v + 0.0 * A, mask=cm)
+        tl.store(u_ptr + b * C + ch, -(rstd * rstd) * g2 / n + 0.0 * A, mask=cm)
+        tl.store(v_ptr + b * C + ch, mean_c * (rstd * rstd * g2 / n) - rstd * g1 / n, mask=cm)
 
     @triton.jit
     def _apply_kernel(x_ptr, dy_ptr, a_ptr, c_ptr, u_ptr, v_ptr, mask_ptr, y_ptr, n, C, HW, scale,
@@ -227,6 +244,18 @@ if triton is not None:
             y = dy * g * a + x * u + v
         elif HAS_MASK:
             y = y * keep
+        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _bias_add_kernel(h_ptr, r_ptr, bias_ptr, y_ptr, n, C, HW, CHANNELS_LAST: tl.constexpr,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        # y = h + bias[c] (+ r), summed in float32 and rounded once.
+        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = off < n
+        ch = off % C if CHANNELS_LAST else (off // HW) % C
+        y = tl.load(h_ptr + off, mask=m, other=0.0).to(tl.float32) + tl.load(bias_ptr + ch, mask=m, other=0.0)
+        if HAS_RESIDUAL:
+            y += tl.load(r_ptr + off, mask=m, other=0.0).to(tl.float32)
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -261,16 +290,21 @@ def _group_blocks(p1: torch.Tensor, cpg: int) -> dict:
     return dict(BLOCK_K=min(64, triton.next_power_of_2(p1.shape[1])), BLOCK_CPG=triton.next_power_of_2(cpg))
 
 
-def _coefficients_triton(x, A, C, groups: int, eps: float):
+def _small(x: torch.Tensor, *like: int) -> torch.Tensor:
+    return torch.empty(like, device=x.device, dtype=torch.float32)
+
+
+def _coefficients_triton(x, A, C, beta, groups: int, eps: float):
     B, ch = x.shape[:2]
     cpg = ch // groups
     p1, p2 = _partial_sums(x)
-    a, c = torch.empty_like(A), torch.empty_like(A)
-    mean = torch.empty((B, groups), device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    _coef_kernel[(B, groups)](p1, p2, A, C, a, c, mean, rstd, ch, p1.shape[1], cpg, float(cpg * x[0, 0].numel()), eps,
+    a, c = _small(x, B, ch), _small(x, B, ch)
+    mean, rstd = _small(x, B, groups), _small(x, B, groups)
+    raw = _small(x, B, ch) if beta is not None else None
+    _coef_kernel[(B, groups)](p1, p2, A, C, a if beta is None else beta, a, c, mean, rstd, a if raw is None else raw,
+                              ch, A.stride(0), p1.shape[1], cpg, float(x[0, 0].numel()), eps, HAS_BETA=beta is not None,
                               **_group_blocks(p1, cpg), num_warps=1)
-    return a, c, mean, rstd
+    return a, c, mean, rstd, raw
 
 
 def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=None):
@@ -286,14 +320,24 @@ def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=Non
     return y
 
 
-def _backward_triton(x, dy, A, a, c, mean, rstd, groups: int, mask=None, scale: float = 1.0):
+def _backward_triton(x, dy, A, a, c, mean, rstd, beta, groups: int, mask=None, scale: float = 1.0):
     B, ch = x.shape[:2]
     cpg = ch // groups
     p1, p2 = _partial_sums(x, dy, a, c, mask, scale)
-    dA, dC, u, v = (torch.empty_like(A) for _ in range(4))
-    _bwd_coef_kernel[(B, groups)](p1, p2, A, mean, rstd, dA, dC, u, v, ch, p1.shape[1], cpg, float(cpg * x[0, 0].numel()),
+    dA, dC, u, v = (_small(x, B, ch) for _ in range(4))
+    _bwd_coef_kernel[(B, groups)](p1, p2, A, dA if beta is None else beta, mean, rstd, dA, dC, u, v, ch, A.stride(0),
+                                  p1.shape[1], cpg, float(cpg * x[0, 0].numel()), HAS_BETA=beta is not None,
                                   **_group_blocks(p1, cpg), num_warps=1)
-    return _apply_triton(x, a, c, mask, scale, dy, u, v), dA, dC
+    return _apply_triton(x, a, c, mask, scale, dy, u, v), dA, dC, u, v
+
+
+def _bias_add_triton(h, bias, residual=None):
+    y = torch.empty_like(h)
+    n, block = h.numel(), 2048
+    _bias_add_kernel[(triton.cdiv(n, block),)](
+        h, h if residual is None else residual, bias, y, n, h.shape[1], h[0, 0].numel(),
+        CHANNELS_LAST=_is_channels_last(h), HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=8)
+    return y
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -302,6 +346,7 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 def _channel_totals(t: torch.Tensor) -> torch.Tensor:
     """Sum over everything but dim 1 (a conv bias's gradient), in float32."""
+    t = _contiguous(t)
     if _use_triton(t):
         return _partial_sums(t)[0].sum((0, 1))
     return t.float().sum([d for d in range(t.ndim) if d != 1])
@@ -323,24 +368,24 @@ def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else t.contiguous()
 
 
-def _coefficients(x, A, C, groups, eps, use_triton):
-    return (_coefficients_triton if use_triton else _coefficients_torch)(x, A.contiguous(), C.contiguous(), groups, eps)
+def _coefficients(x, A, C, beta, groups, eps, use_triton):
+    return (_coefficients_triton if use_triton else _coefficients_torch)(x, A, C, beta, groups, eps)
 
 
 def _apply(x, a, c, use_triton, mask=None, scale=1.0):
     return _apply_triton(x, a, c, mask, scale) if use_triton else _apply_torch(x, a, c, mask, scale)
 
 
-def _backward(x, dy, A, a, c, mean, rstd, groups, use_triton, mask=None, scale=1.0):
+def _backward(x, dy, A, a, c, mean, rstd, beta, groups, use_triton, mask=None, scale=1.0):
     fn = _backward_triton if use_triton else _backward_torch
-    return fn(x, _like(dy, x), A.contiguous(), a, c, mean, rstd, groups, mask, scale)
+    return fn(x, _like(dy, x), A, a, c, mean, rstd, beta, groups, mask, scale)
 
 
 class _NormAffineSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, C, groups: int, eps: float):
         use_triton = _use_triton(x)
-        a, c, mean, rstd = _coefficients(x, A, C, groups, eps, use_triton)
+        a, c, mean, rstd, _ = _coefficients(x, A, C, None, groups, eps, use_triton)
         ctx.save_for_backward(x, A, a, c, mean, rstd)
         ctx.groups, ctx.use_triton = groups, use_triton
         return _apply(x, a, c, use_triton)
@@ -348,53 +393,84 @@ class _NormAffineSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, A, a, c, mean, rstd = ctx.saved_tensors
-        return (*_backward(x, dy, A, a, c, mean, rstd, ctx.groups, ctx.use_triton), None, None)
+        dx, dA, dC, _, _ = _backward(x, dy, A, a, c, mean, rstd, None, ctx.groups, ctx.use_triton)
+        return dx, dA, dC, None, None
 
 
 class _NormAffineSiLUConv(torch.autograd.Function):
-    """norm -> SiLU -> (dropout) -> conv that keeps only the norm's input (and the dropout mask)
-    for the backward.
+    """(x + beta) -> norm -> SiLU -> (dropout) -> conv that keeps only x (and the dropout mask) for
+    the backward.
 
     Eager autograd would keep the SiLU output (the conv's input) and the dropped-out copy as well:
     two more activations per norm. Recomputing them in the backward costs one elementwise pass;
-    at batch 32 the training memory falls from 34 to 21 GiB (docs/PERFORMANCE.md).
+    at batch 32 the training memory falls from 34 to 21 GiB (docs/PERFORMANCE.md). ``beta`` is the
+    previous convolution's bias, folded into the statistics and the affine map instead of being
+    added to the activation in a pass of its own; its gradient comes from per-channel sums the
+    passes compute anyway.
     """
 
     @staticmethod
-    def forward(ctx, x, A, C, groups: int, eps: float, weight, bias, p: float):
+    def forward(ctx, x, A, C, beta, groups: int, eps: float, weight, bias, p: float):
         use_triton = _use_triton(x)
-        a, c, mean, rstd = _coefficients(x, A, C, groups, eps, use_triton)
+        a, c, mean, rstd, raw = _coefficients(x, A, C, beta, groups, eps, use_triton)
         y = _apply(x, a, c, use_triton)
         mask = None
         if p > 0:
             y, mask = torch.native_dropout(y, p, True)
-        out = F.conv2d(y, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=weight.shape[-1] // 2)
-        ctx.save_for_backward(x, A, a, c, mean, rstd, weight, mask)
+        w = weight.to(x.dtype)  # cast once: the backward uses it again
+        out = F.conv2d(y, w, None if bias is None else bias.to(x.dtype), padding=weight.shape[-1] // 2)
+        ctx.save_for_backward(x, A, a, c, mean, rstd, beta, raw, w, mask)
         ctx.groups, ctx.use_triton, ctx.p, ctx.has_bias = groups, use_triton, p, bias is not None
+        ctx.weight_dtype = weight.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, A, a, c, mean, rstd, weight, mask = ctx.saved_tensors
+        x, A, a, c, mean, rstd, beta, raw, w, mask = ctx.saved_tensors
         scale = 1.0 / (1.0 - ctx.p) if ctx.p > 0 else 1.0
         y = _apply(x, a, c, ctx.use_triton, mask, scale)
-        pad = weight.shape[-1] // 2
+        pad = w.shape[-1] // 2
         dout = _like(dout.to(x.dtype), x)
         # The bias gradient is a plain channel sum: ours is several times faster than cuDNN's
         # on channels_last activations.
         dy, dw, _ = torch.ops.aten.convolution_backward(
-            dout, y, weight.to(x.dtype), None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, False])
+            dout, y, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, False])
         del y
-        db = _channel_totals(dout).to(weight.dtype) if ctx.has_bias else None
-        dx, dA, dC = _backward(x, dy, A, a, c, mean, rstd, ctx.groups, ctx.use_triton, mask, scale)
-        return dx, dA, dC, None, None, dw.to(weight.dtype), db, None
+        db = _channel_totals(dout).to(ctx.weight_dtype) if ctx.has_bias else None
+        dx, dA, dC, u, v = _backward(x, dy, A, a, c, mean, rstd, beta, ctx.groups, ctx.use_triton, mask, scale)
+        dbeta = None
+        if beta is not None:  # sum over pixels and batch of dx = a dz + u x + v
+            dbeta = (a * dC + u * raw + x[0, 0].numel() * v).sum(0).to(beta.dtype)
+        return dx, dA, dC, dbeta, None, None, dw.to(ctx.weight_dtype), db, None
+
+
+class _BiasAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, bias, residual):
+        ctx.bias_dtype, ctx.has_residual = bias.dtype, residual is not None
+        h = _contiguous(h)
+        if residual is not None:
+            residual = _like(residual.to(h.dtype), h)
+        if _use_triton(h):
+            return _bias_add_triton(h, bias.float().contiguous(), residual)
+        y = h.float() + _bcast(bias.float(), h)
+        return (y if residual is None else y + residual.float()).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return dout, _channel_totals(dout).to(ctx.bias_dtype), dout if ctx.has_residual else None
 
 
 def _prepare(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor):
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels are not divisible into {groups} groups")
     batch = x.shape[0]
-    return _contiguous(x), A.float().expand(batch, -1), C.float().expand(batch, -1)
+    # The kernels read A and C through one row stride: per-channel vectors are expanded (stride 0),
+    # and the columns of one shared (B, total) table (unet.FiLMTable) are read in place.
+    A, C = A.float().expand(batch, -1), C.float().expand(batch, -1)
+    if A.stride() != C.stride() or A.stride(1) != 1:
+        A, C = A.contiguous(), C.contiguous()
+    return _contiguous(x), A, C
 
 
 def norm_affine_silu(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -407,12 +483,24 @@ def norm_affine_silu(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Ten
     return _NormAffineSiLU.apply(*_prepare(x, groups, A, C), groups, eps)
 
 
-def norm_affine_silu_conv(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, conv: torch.nn.Conv2d,
-                          dropout: float = 0.0, eps: float = 1e-5) -> torch.Tensor:
-    """``conv(dropout(norm_affine_silu(x, groups, A, C)))`` keeping only ``x`` for the backward.
+def norm_affine_silu_conv(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None = None, *, dropout: float = 0.0, eps: float = 1e-5,
+                          x_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv2d(dropout(norm_affine_silu(x + x_bias, groups, A, C)), weight, bias)``, keeping only
+    ``x`` for the backward.
 
-    ``conv``: a stride-1 Conv2d with "same" padding (the UNet's 3x3 convs). ``dropout`` is applied
-    when positive (pass 0 in eval mode). The conv runs in ``x``'s dtype; its float32 parameters
-    receive float32 gradients.
+    ``weight``: a stride-1 convolution with "same" padding (the UNet's 3x3 convs), run in ``x``'s
+    dtype; float32 parameters receive float32 gradients. ``x_bias`` (C,): a per-channel bias still
+    to be added to ``x`` (the previous convolution's, run without it), folded into the statistics.
+    ``dropout`` is applied when positive (pass 0 in eval mode).
     """
-    return _NormAffineSiLUConv.apply(*_prepare(x, groups, A, C), groups, eps, conv.weight, conv.bias, float(dropout))
+    x, A, C = _prepare(x, groups, A, C)
+    beta = None if x_bias is None else x_bias.float()
+    return _NormAffineSiLUConv.apply(x, A, C, beta, groups, eps, weight, bias, float(dropout))
+
+
+def bias_add(h: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``h + bias[c] (+ residual)`` in one pass, in ``h``'s dtype and memory format: a convolution's
+    bias and a residual connection together (PyTorch's own broadcast bias add on channels_last
+    activations is a slow strided kernel)."""
+    return _BiasAdd.apply(h, bias, residual)

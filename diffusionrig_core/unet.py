@@ -117,9 +117,9 @@ class ResBlock(nn.Module):
             return F.avg_pool2d(x, kernel_size=2, stride=2)
         return x
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: "torch.Tensor | FiLMTable", z: torch.Tensor) -> torch.Tensor:
         if self.fused and self.use_scale_shift_norm:
-            return self._forward_fused(x, emb, z)
+            return self._forward_fused(x, *(emb[self] if isinstance(emb, FiLMTable) else self.film(emb, z)))
         if self.up or self.down:
             norm, act, conv = self.in_layers
             h = conv(self._resample(act(norm(x))))
@@ -140,26 +140,71 @@ class ResBlock(nn.Module):
         h = out_rest(h)
         return self.skip_connection(x) + h
 
-    def _forward_fused(self, x: torch.Tensor, emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The same block with each norm, its FiLMs, the SiLU (and dropout) fused before the conv
-        (two FiLMs in a row are one affine map per sample and channel, folded into the norm's own
-        weight and bias); the backward keeps only the norms' inputs (fused.py)."""
-        from .fused import norm_affine_silu, norm_affine_silu_conv  # (imports Triton on CUDA machines: only when used)
+    def film(self, emb: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output norm's affine map and both FiLMs as one (B, C) scale and shift in float32:
+        ``norm(h) * gamma + beta``, then ``* (1 + s_t) + b_t``, then ``* (1 + s_z) + b_z``."""
+        s_t, b_t = self.emb_layers(emb).float().chunk(2, dim=1)
+        s_z, b_z = self.cond_emb_layers(z).float().chunk(2, dim=1)
+        norm = self.out_layers[0]
+        return _fold_films(norm.weight, norm.bias, s_t, b_t, s_z, b_z)
+
+    def _forward_fused(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """The same block with each norm, its FiLMs (``film``), the SiLU and dropout fused before the
+        conv; the backward keeps only the norms' inputs (fused.py). The convolutions run without
+        their biases: the first one's is folded into the second norm, the second one's (and the skip
+        convolution's) is added together with the residual in one pass."""
+        from .fused import bias_add, norm_affine_silu, norm_affine_silu_conv  # (Triton on CUDA: only when used)
 
         norm1, _, conv1 = self.in_layers
         if self.up or self.down:
-            h = conv1(self._resample(norm_affine_silu(x, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps)))
+            h = F.conv2d(self._resample(norm_affine_silu(x, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps)),
+                         conv1.weight, padding=1)
             x = self._resample(x)
         else:
-            h = norm_affine_silu_conv(x, norm1.num_groups, norm1.weight, norm1.bias, conv1, eps=norm1.eps)
-        s_t, b_t = self.emb_layers(emb).float().chunk(2, dim=1)
-        s_z, b_z = self.cond_emb_layers(z).float().chunk(2, dim=1)
+            h = norm_affine_silu_conv(x, norm1.num_groups, norm1.weight, norm1.bias, conv1.weight, eps=norm1.eps)
         norm2, _, dropout, conv2 = self.out_layers
-        scale = norm2.weight * (1 + s_t) * (1 + s_z)
-        shift = (norm2.bias * (1 + s_t) + b_t) * (1 + s_z) + b_z
-        p = dropout.p if self.training else 0.0
-        h = norm_affine_silu_conv(h, norm2.num_groups, scale, shift, conv2, dropout=p, eps=norm2.eps)
-        return self.skip_connection(x) + h
+        h = norm_affine_silu_conv(h, norm2.num_groups, scale, shift, conv2.weight, x_bias=conv1.bias,
+                                  dropout=dropout.p if self.training else 0.0, eps=norm2.eps)
+        if isinstance(self.skip_connection, nn.Conv2d):
+            skip = self.skip_connection
+            return bias_add(h, conv2.bias + skip.bias, F.conv2d(x, skip.weight))
+        return bias_add(h, conv2.bias, x)
+
+
+def _fold_films(weight, bias, s_t, b_t, s_z, b_z) -> tuple[torch.Tensor, torch.Tensor]:
+    return weight * (1 + s_t) * (1 + s_z), (bias * (1 + s_t) + b_t) * (1 + s_z) + b_z
+
+
+class FiLMTable:
+    """Every fused ResBlock's ``film`` for one call, from two matrix products for the whole network.
+
+    Block by block the projections are ~40 tiny products and ~400 tiny elementwise kernels per
+    call, which at batch 1 cost more GPU time than the 256 x 256 convolutions' worth of launches.
+    Here the blocks' projection weights are concatenated (scales of every block, then shifts), so
+    one product gives all of them; ``table[block]`` is that block's (B, C) columns, read in place by
+    the fused kernels.
+    """
+
+    def __init__(self, blocks: Sequence["ResBlock"], emb: torch.Tensor, z: torch.Tensor):
+        widths = [b.out_channels for b in blocks]
+        s_t, b_t = self._project([b.emb_layers[1] for b in blocks], emb, widths)
+        s_z, b_z = self._project([b.cond_emb_layers[1] for b in blocks], z, widths)
+        norms = [b.out_layers[0] for b in blocks]
+        weight, bias = torch.cat([n.weight for n in norms]), torch.cat([n.bias for n in norms])
+        scale, shift = _fold_films(weight, bias, s_t, b_t, s_z, b_z)
+        self._index = {id(b): i for i, b in enumerate(blocks)}
+        self._columns = list(zip(scale.split(widths, dim=1), shift.split(widths, dim=1)))
+
+    @staticmethod
+    def _project(linears: Sequence[nn.Linear], v: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each block's Linear gives [scale (C) | shift (C)]; reorder the rows to [all scales | all shifts].
+        rows = [l.weight[:c] for l, c in zip(linears, widths)] + [l.weight[c:] for l, c in zip(linears, widths)]
+        bias = [l.bias[:c] for l, c in zip(linears, widths)] + [l.bias[c:] for l, c in zip(linears, widths)]
+        out = F.linear(F.silu(v), torch.cat(rows), torch.cat(bias)).float()
+        return out.chunk(2, dim=1)
+
+    def __getitem__(self, block: "ResBlock") -> tuple[torch.Tensor, torch.Tensor]:
+        return self._columns[self._index[id(block)]]
 
 
 class AttentionBlock(nn.Module):
@@ -236,7 +281,7 @@ class AttentionBlock(nn.Module):
 class CondSequential(nn.Sequential):
     """A Sequential whose ResBlocks also receive the time embedding and the latent."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, emb, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         for layer in self:
             x = layer(x, emb, z) if isinstance(layer, ResBlock) else layer(x)
         return x
@@ -322,6 +367,9 @@ class UNetModel(nn.Module):
         )
         self.fused = False  # fast path: the output norm + SiLU as one pass (fast.set_fused)
 
+    def _film_blocks(self) -> list[ResBlock]:
+        return [m for m in self.modules() if isinstance(m, ResBlock) and m.fused and m.use_scale_shift_norm]
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """x (B,3,H,W), integer timesteps (B,), buffers (B,9,H,W), latent (B,latent_dim) -> (B,out,H,W)."""
         if timesteps.dim() == 0:
@@ -329,6 +377,8 @@ class UNetModel(nn.Module):
         dtype = self.time_embed[0].weight.dtype  # lets a model cast to half precision run without autocast
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         latent = latent.to(dtype)
+        if self.fused:
+            emb = FiLMTable(self._film_blocks(), emb, latent)
         h = torch.cat([x, buffers], dim=1).to(dtype)
         skips = []
         for block in self.input_blocks:
@@ -340,6 +390,7 @@ class UNetModel(nn.Module):
         if self.fused:
             from .fused import norm_affine_silu_conv
 
-            norm = self.out[0]
-            return norm_affine_silu_conv(h, norm.num_groups, norm.weight, norm.bias, self.out[2], eps=norm.eps).to(x.dtype)
+            norm, conv = self.out[0], self.out[2]
+            return norm_affine_silu_conv(h, norm.num_groups, norm.weight, norm.bias, conv.weight, conv.bias,
+                                         eps=norm.eps).to(x.dtype)
         return self.out(h).to(x.dtype)

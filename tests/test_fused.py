@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusionrig_core.fused import norm_affine_silu, triton_available
+from diffusionrig_core.fused import bias_add, norm_affine_silu, norm_affine_silu_conv, triton_available
 
 
 def reference(x, groups, A, C, eps=1e-5):
@@ -97,22 +97,68 @@ def test_unet_with_fused_norms_equals_the_official_blocks_forward_and_backward()
         assert float((g[name] - g_ref[name]).abs().max()) < 1e-5 * scale, name
 
 
-def test_fused_norm_silu_dropout_conv_equals_the_unfused_chain_forward_and_backward():
-    from diffusionrig_core.fused import norm_affine_silu_conv
-
-    x, A, C = _inputs((2, 8, 6, 5), 4, dtype=torch.float32)
-    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
-    w = torch.randn(2, 6, 6, 5)
+def _conv_chain_grads(device="cpu", dtype=torch.float32):
+    """The fused (x + beta) -> norm -> FiLM -> SiLU -> dropout -> conv and the same chain unfused."""
+    x, A, C = _inputs((2, 8, 6, 5), 4, dtype=dtype, device=device)
+    beta = (0.5 * torch.randn(8, generator=torch.Generator().manual_seed(4))).to(device, dtype).requires_grad_()
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1).to(device, dtype)
+    w = torch.randn(2, 6, 6, 5, generator=torch.Generator().manual_seed(5)).to(device, dtype)
     torch.manual_seed(3)
-    out = norm_affine_silu_conv(x, 4, A, C, conv, dropout=0.3)
-    g = torch.autograd.grad((out * w).sum(), (x, A, C, conv.weight, conv.bias))
-    x2, A2, C2 = (t.detach().clone().requires_grad_() for t in (x, A, C))
+    out = norm_affine_silu_conv(x, 4, A, C, conv.weight, conv.bias, dropout=0.3, x_bias=beta)
+    inputs = (x, A, C, beta, conv.weight, conv.bias)
+    g = torch.autograd.grad((out * w).sum(), inputs)
+    x2, A2, C2, beta2 = (t.detach().clone().requires_grad_() for t in (x, A, C, beta))
     torch.manual_seed(3)  # the same dropout mask: both draw it with one native_dropout call
-    ref = conv(torch.native_dropout(reference(x2, 4, A2, C2), 0.3, True)[0])
-    g_ref = torch.autograd.grad((ref * w).sum(), (x2, A2, C2, conv.weight, conv.bias))
+    ref = conv(torch.native_dropout(reference(x2 + beta2[:, None, None], 4, A2, C2), 0.3, True)[0])
+    g_ref = torch.autograd.grad((ref * w).sum(), (x2, A2, C2, beta2, conv.weight, conv.bias))
+    return out, g, ref, g_ref
+
+
+def test_fused_bias_norm_silu_dropout_conv_equals_the_unfused_chain_forward_and_backward():
+    out, g, ref, g_ref = _conv_chain_grads()
     assert torch.allclose(out, ref, atol=1e-5)
     for a, b in zip(g, g_ref):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_bias_add_equals_bias_plus_residual_forward_and_backward(residual):
+    h = torch.randn(2, 6, 4, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    r = torch.randn(2, 6, 4, 3, dtype=torch.float64, requires_grad=True) if residual else None
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out = bias_add(h, bias, r)
+    ref = h + bias[:, None, None] + (r if residual else 0)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.allclose(out, ref)
+    w = torch.randn(out.shape, dtype=torch.float64)
+    inputs = (h, bias, r) if residual else (h, bias)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
+        assert torch.allclose(a.double(), b)
+
+
+def test_the_film_table_equals_each_blocks_own_film():
+    from diffusionrig_core.fast import set_fused
+    from diffusionrig_core.model import DiffusionRig, ModelConfig
+    from diffusionrig_core.unet import FiLMTable
+
+    torch.manual_seed(0)
+    unet = DiffusionRig(ModelConfig.tiny()).denoisingUNet
+    set_fused(unet)
+    emb, z = torch.randn(3, unet.time_embed[-1].out_features), torch.randn(3, 64)
+    blocks = unet._film_blocks()
+    table = FiLMTable(blocks, emb, z)
+    assert len(blocks) > 4
+    for block in blocks:
+        for a, b in zip(table[block], block.film(emb, z)):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+def test_triton_bias_norm_silu_dropout_conv_equals_the_unfused_chain():
+    torch.backends.cudnn.allow_tf32 = False
+    out, g, ref, g_ref = _conv_chain_grads("cuda")
+    assert (out - ref).norm() / ref.norm() < 1e-4
+    for a, b in zip(g, g_ref):
+        assert (a - b).norm() / b.norm() < 1e-4
 
 
 @pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")

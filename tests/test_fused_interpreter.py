@@ -1,0 +1,67 @@
+"""The Triton kernels themselves, on the CPU: Triton's interpreter runs them against the PyTorch maths.
+
+Needs the ``triton`` package (it ships with CUDA builds of PyTorch; ``pip install triton`` adds it to
+a CPU build, about 1 GB). Without it the test skips; on a GPU machine ``test_fused.py`` runs the
+compiled kernels instead. The interpreter must be chosen before Triton is first imported, hence the
+subprocess.
+"""
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+
+SCRIPT = textwrap.dedent('''
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import torch
+    from diffusionrig_core import fused
+    fused._use_triton = lambda t: True
+    fused._multiprocessors = lambda index: 2  # several chunks per channel even on tiny inputs
+    import test_fused as T
+
+    def rel(a, b):
+        return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+    worst = 0.0
+    for channels_last in (False, True):
+        for shape in [(2, 64, 8, 8), (3, 96, 5, 3)]:
+            x, A, C = T._inputs(shape, 32, dtype=torch.float32, channels_last=channels_last)
+            per_channel = (A[0].detach().clone().requires_grad_(), C[0].detach().clone().requires_grad_())
+            table = torch.randn(shape[0], 3 * shape[1]).requires_grad_()  # columns read in place
+            columns = (table[:, shape[1]:2 * shape[1]], 0.1 * table[:, 2 * shape[1]:])
+            for AA, CC in ((A, C), per_channel, columns):
+                w = torch.randn(shape)
+                out = fused.norm_affine_silu(x, 32, AA, CC)
+                g = torch.autograd.grad((out * w).sum(), (x, AA, CC))
+                x2, A2, C2 = (t.detach().double().requires_grad_() for t in (x, AA, CC))
+                ref = T.reference(x2, 32, A2.expand(shape[0], -1), C2.expand(shape[0], -1))
+                g2 = torch.autograd.grad((ref * w.double()).sum(), (x2, A2, C2))
+                worst = max([worst, rel(out, ref)] + [rel(a, b) for a, b in zip(g, g2)])
+    out, g, ref, g_ref = T._conv_chain_grads()
+    worst = max([worst, rel(out, ref)] + [rel(a, b) for a, b in zip(g, g_ref)])
+    for residual in (False, True):
+        h = torch.randn(2, 6, 4, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+        r = torch.randn(2, 6, 4, 3, requires_grad=True) if residual else None
+        b = torch.randn(6, requires_grad=True)
+        o, o_ref = fused.bias_add(h, b, r), h + b[:, None, None] + (r if residual else 0)
+        assert o.is_contiguous(memory_format=torch.channels_last)
+        inputs = (h, b, r) if residual else (h, b)
+        grads = zip(torch.autograd.grad(o.sum(), inputs), torch.autograd.grad(o_ref.sum(), inputs))
+        worst = max([worst, rel(o, o_ref)] + [rel(a, c) for a, c in grads])
+    print("WORST", worst)
+''')
+
+
+def test_triton_kernels_in_the_interpreter_equal_the_reference_forward_and_backward():
+    root = Path(__file__).resolve().parents[1]
+    script = SCRIPT.format(root=str(root), tests=str(root / "tests"))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    worst = float(run.stdout.split("WORST")[-1])
+    assert worst < 1e-5, worst
