@@ -180,15 +180,15 @@ class FiLMTable:
 
     Block by block the projections are ~40 tiny products and ~400 tiny elementwise kernels per
     call, which at batch 1 cost more GPU time than the 256 x 256 convolutions' worth of launches.
-    Here the blocks' projection weights are concatenated (scales of every block, then shifts), so
-    one product gives all of them; ``table[block]`` is that block's (B, C) columns, read in place by
-    the fused kernels.
+    Here the blocks' projection weights are concatenated, so one product gives all of them, and one
+    gather reorders the columns [scale_0 shift_0 scale_1 ...] into [all scales | all shifts];
+    ``table[block]`` is that block's (B, C) columns, read in place by the fused kernels.
     """
 
-    def __init__(self, blocks: Sequence["ResBlock"], emb: torch.Tensor, z: torch.Tensor):
+    def __init__(self, blocks: Sequence["ResBlock"], emb: torch.Tensor, z: torch.Tensor, order: torch.Tensor):
         widths = [b.out_channels for b in blocks]
-        s_t, b_t = self._project([b.emb_layers[1] for b in blocks], emb, widths)
-        s_z, b_z = self._project([b.cond_emb_layers[1] for b in blocks], z, widths)
+        s_t, b_t = self._project([b.emb_layers[1] for b in blocks], emb, order)
+        s_z, b_z = self._project([b.cond_emb_layers[1] for b in blocks], z, order)
         norms = [b.out_layers[0] for b in blocks]
         weight, bias = torch.cat([n.weight for n in norms]), torch.cat([n.bias for n in norms])
         scale, shift = _fold_films(weight, bias, s_t, b_t, s_z, b_z)
@@ -196,12 +196,16 @@ class FiLMTable:
         self._columns = list(zip(scale.split(widths, dim=1), shift.split(widths, dim=1)))
 
     @staticmethod
-    def _project(linears: Sequence[nn.Linear], v: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each block's Linear gives [scale (C) | shift (C)]; reorder the rows to [all scales | all shifts].
-        rows = [l.weight[:c] for l, c in zip(linears, widths)] + [l.weight[c:] for l, c in zip(linears, widths)]
-        bias = [l.bias[:c] for l, c in zip(linears, widths)] + [l.bias[c:] for l, c in zip(linears, widths)]
-        out = F.linear(F.silu(v), torch.cat(rows), torch.cat(bias)).float()
-        return out.chunk(2, dim=1)
+    def column_order(blocks: Sequence["ResBlock"]) -> torch.Tensor:
+        """The gather from the concatenated projections to [all scales | all shifts]."""
+        starts = torch.tensor([0] + [2 * b.out_channels for b in blocks]).cumsum(0)
+        scales = [torch.arange(int(o), int(o) + b.out_channels) for o, b in zip(starts, blocks)]
+        return torch.cat(scales + [s + b.out_channels for s, b in zip(scales, blocks)])
+
+    @staticmethod
+    def _project(linears: Sequence[nn.Linear], v: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = F.linear(F.silu(v), torch.cat([l.weight for l in linears]), torch.cat([l.bias for l in linears]))
+        return out.float().index_select(1, order).chunk(2, dim=1)
 
     def __getitem__(self, block: "ResBlock") -> tuple[torch.Tensor, torch.Tensor]:
         return self._columns[self._index[id(block)]]
@@ -370,6 +374,16 @@ class UNetModel(nn.Module):
     def _film_blocks(self) -> list[ResBlock]:
         return [m for m in self.modules() if isinstance(m, ResBlock) and m.fused and m.use_scale_shift_norm]
 
+    def _film_table(self, emb: torch.Tensor, latent: torch.Tensor) -> FiLMTable:
+        blocks = self._film_blocks()
+        # The column order lives on the device, made once (and before any CUDA-graph capture: the
+        # first calls run eagerly) per device and set of block widths.
+        cache = self.__dict__.setdefault("_film_orders", {})
+        key = (emb.device, tuple(b.out_channels for b in blocks))
+        if key not in cache:
+            cache[key] = FiLMTable.column_order(blocks).to(emb.device)
+        return FiLMTable(blocks, emb, latent, cache[key])
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """x (B,3,H,W), integer timesteps (B,), buffers (B,9,H,W), latent (B,latent_dim) -> (B,out,H,W)."""
         if timesteps.dim() == 0:
@@ -378,7 +392,7 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         latent = latent.to(dtype)
         if self.fused:
-            emb = FiLMTable(self._film_blocks(), emb, latent)
+            emb = self._film_table(emb, latent)
         h = torch.cat([x, buffers], dim=1).to(dtype)
         skips = []
         for block in self.input_blocks:

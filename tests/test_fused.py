@@ -138,14 +138,13 @@ def test_bias_add_equals_bias_plus_residual_forward_and_backward(residual):
 def test_the_film_table_equals_each_blocks_own_film():
     from diffusionrig_core.fast import set_fused
     from diffusionrig_core.model import DiffusionRig, ModelConfig
-    from diffusionrig_core.unet import FiLMTable
 
     torch.manual_seed(0)
     unet = DiffusionRig(ModelConfig.tiny()).denoisingUNet
     set_fused(unet)
     emb, z = torch.randn(3, unet.time_embed[-1].out_features), torch.randn(3, 64)
     blocks = unet._film_blocks()
-    table = FiLMTable(blocks, emb, z)
+    table = unet._film_table(emb, z)
     assert len(blocks) > 4
     for block in blocks:
         for a, b in zip(table[block], block.film(emb, z)):
