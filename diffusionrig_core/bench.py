@@ -103,10 +103,11 @@ def _batch(config, batch: int, device: torch.device, seed: int = 0):
 # training step: ours and the official recipe
 # ---------------------------------------------------------------------------------------------
 def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: float = 1e-4,
-                    clip: float = 1.0) -> Callable[..., float]:
+                    clip: float = 1.0, batch: int = 32) -> Callable[..., float]:
     """One optimisation step ``step(x0, buffers, t, noise)`` -> None (loss kept on device)."""
     from .diffusion import Diffusion
-    from .fast import FastDenoiser, set_sdpa
+    from .fast import FastDenoiser, recompute_for_batch, set_sdpa
+    from .train import clip_and_step
 
     diffusion = Diffusion.create()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,16 +115,15 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
     if fast:
         from .fast import CapturedStep
 
-        net = FastDenoiser(model, compile=compile_mode or False)
+        net = FastDenoiser(model, compile=compile_mode or False, recompute=recompute_for_batch(batch))
         graph = next(model.parameters()).is_cuda and not net.cudagraphs  # (not inside torch.compile's own)
         opt = torch.optim.Adam(params, lr=lr, fused=True, capturable=graph)
 
-        def step(x0, buffers, t, noise):
+        def step(x0, buffers, t, noise):  # as train.Trainer._step
             opt.zero_grad(set_to_none=True)
             loss = diffusion.training_losses(net, x0, buffers, t, noise).mean()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-            opt.step()
+            clip_and_step(opt, params, clip)
             return loss.detach()
         # the same step as train.Trainer: replayed from one CUDA graph after 3 eager warm-up steps
         return CapturedStep(step) if graph else step
@@ -157,7 +157,7 @@ def bench_train(opts: BenchOptions, batch: int, fast: bool) -> Row:
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = float(budget)
-    step = make_train_step(model, fast, compile_mode)
+    step = make_train_step(model, fast, compile_mode, batch=batch)
     data = [_batch(model.config, batch, device, seed) for seed in range(2)]
     _peak_reset(device)
     t0 = time.perf_counter()

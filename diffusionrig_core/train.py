@@ -507,6 +507,28 @@ def _adam(params: list[nn.Parameter], cfg: TrainConfig, capturable: bool = False
         return torch.optim.Adam(params, **kw)
 
 
+def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> None:
+    """``clip_grad_norm_(params, max_norm)`` then ``optimizer.step()``.
+
+    With fused Adam the clipping factor rides along as the optimizer's gradient scale (the divisor
+    GradScaler uses to unscale), so the gradients are not rewritten in a pass of their own; the
+    update is the same up to rounding. Nothing here reads a value back to the host.
+    """
+    fused = all(group.get("fused") for group in optimizer.param_groups) and isinstance(optimizer, torch.optim.Adam)
+    if max_norm <= 0:
+        optimizer.step()
+    elif fused:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0).float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale  # type: ignore[attr-defined]
+    else:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=params[0].is_cuda or None)
+        optimizer.step()
+
+
 class Trainer:
     """One training run (see ``train``). Kept as an object so tests and benchmarks can step it."""
 
@@ -587,11 +609,11 @@ class Trainer:
         if self.fast:
             # bf16 autocast + fused attention + channels_last (+ torch.compile of the UNet) around the
             # same float32 parameters; the CPU float32 path stays the reference.
-            from .fast import FastDenoiser
+            from .fast import FastDenoiser, recompute_for_batch
 
             torch.backends.cudnn.benchmark = True
             self.net = FastDenoiser(self.model, dtype=torch.bfloat16 if self.use_bf16 else torch.float32,
-                                    compile=cfg.compile)
+                                    compile=cfg.compile, recompute=recompute_for_batch(cfg.micro_batch or cfg.batch_size))
         elif cfg.compile:
             self.net = torch.compile(self.model)
         self.diffusion = Diffusion.create(cfg.schedule, cfg.diffusion_steps)
@@ -719,9 +741,7 @@ class Trainer:
                 loss = losses.mean() * (mb / B) if len(chunks) > 1 else losses.mean()
             loss.backward()
             total = total + loss.detach()
-        if cfg.grad_clip and cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip, foreach=self.device.type == "cuda" or None)
-        self.optimizer.step()
+        clip_and_step(self.optimizer, self.trainable, cfg.grad_clip or 0.0)
         if self.ema is not None:
             with torch.no_grad():
                 ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]

@@ -80,6 +80,7 @@ class ResBlock(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.up, self.down = up, down
         self.fused = False  # fast path: fused.norm_affine_silu for both norms (fast.set_fused)
+        self.recompute = True  # fused path: recompute the conv inputs in the backward (fast.set_fused)
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
@@ -161,10 +162,11 @@ class ResBlock(nn.Module):
                          conv1.weight, padding=1)
             x = self._resample(x)
         else:
-            h = norm_affine_silu_conv(x, norm1.num_groups, norm1.weight, norm1.bias, conv1.weight, eps=norm1.eps)
+            h = norm_affine_silu_conv(x, norm1.num_groups, norm1.weight, norm1.bias, conv1.weight, eps=norm1.eps,
+                                      recompute=self.recompute)
         norm2, _, dropout, conv2 = self.out_layers
         h = norm_affine_silu_conv(h, norm2.num_groups, scale, shift, conv2.weight, x_bias=conv1.bias,
-                                  dropout=dropout.p if self.training else 0.0, eps=norm2.eps)
+                                  dropout=dropout.p if self.training else 0.0, eps=norm2.eps, recompute=self.recompute)
         if isinstance(self.skip_connection, nn.Conv2d):
             skip = self.skip_connection
             return bias_add(h, conv2.bias + skip.bias, F.conv2d(x, skip.weight))
@@ -370,6 +372,7 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(int(channel_mult[0] * model_channels), out_channels, 3, padding=1))
         )
         self.fused = False  # fast path: the output norm + SiLU as one pass (fast.set_fused)
+        self.recompute = True
 
     def _film_blocks(self) -> list[ResBlock]:
         return [m for m in self.modules() if isinstance(m, ResBlock) and m.fused and m.use_scale_shift_norm]
@@ -406,5 +409,5 @@ class UNetModel(nn.Module):
 
             norm, conv = self.out[0], self.out[2]
             return norm_affine_silu_conv(h, norm.num_groups, norm.weight, norm.bias, conv.weight, conv.bias,
-                                         eps=norm.eps).to(x.dtype)
+                                         eps=norm.eps, recompute=self.recompute).to(x.dtype)
         return self.out(h).to(x.dtype)

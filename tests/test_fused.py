@@ -97,14 +97,14 @@ def test_unet_with_fused_norms_equals_the_official_blocks_forward_and_backward()
         assert float((g[name] - g_ref[name]).abs().max()) < 1e-5 * scale, name
 
 
-def _conv_chain_grads(device="cpu", dtype=torch.float32):
+def _conv_chain_grads(device="cpu", dtype=torch.float32, recompute=True):
     """The fused (x + beta) -> norm -> FiLM -> SiLU -> dropout -> conv and the same chain unfused."""
     x, A, C = _inputs((2, 8, 6, 5), 4, dtype=dtype, device=device)
     beta = (0.5 * torch.randn(8, generator=torch.Generator().manual_seed(4))).to(device, dtype).requires_grad_()
     conv = torch.nn.Conv2d(8, 6, 3, padding=1).to(device, dtype)
     w = torch.randn(2, 6, 6, 5, generator=torch.Generator().manual_seed(5)).to(device, dtype)
     torch.manual_seed(3)
-    out = norm_affine_silu_conv(x, 4, A, C, conv.weight, conv.bias, dropout=0.3, x_bias=beta)
+    out = norm_affine_silu_conv(x, 4, A, C, conv.weight, conv.bias, dropout=0.3, x_bias=beta, recompute=recompute)
     inputs = (x, A, C, beta, conv.weight, conv.bias)
     g = torch.autograd.grad((out * w).sum(), inputs)
     x2, A2, C2, beta2 = (t.detach().clone().requires_grad_() for t in (x, A, C, beta))
@@ -114,8 +114,9 @@ def _conv_chain_grads(device="cpu", dtype=torch.float32):
     return out, g, ref, g_ref
 
 
-def test_fused_bias_norm_silu_dropout_conv_equals_the_unfused_chain_forward_and_backward():
-    out, g, ref, g_ref = _conv_chain_grads()
+@pytest.mark.parametrize("recompute", [True, False])
+def test_fused_bias_norm_silu_dropout_conv_equals_the_unfused_chain_forward_and_backward(recompute):
+    out, g, ref, g_ref = _conv_chain_grads(recompute=recompute)
     assert torch.allclose(out, ref, atol=1e-5)
     for a, b in zip(g, g_ref):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()

@@ -73,6 +73,26 @@ def test_config_defaults_are_the_official_recipe_per_stage():
         TrainConfig(batch_size=4, micro_batch=3)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipped, and under the bound
+def test_clipping_folded_into_fused_adam_updates_like_clip_grad_norm_then_step(max_norm):
+    from diffusionrig_core.train import clip_and_step
+
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(40, 7, generator=g)) for _ in range(3)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    folded, reference = torch.optim.Adam(ps, lr=1e-2, fused=True), torch.optim.Adam(qs, lr=1e-2, fused=True)
+    for _ in range(3):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(p.shape, generator=g) * 3
+            q.grad = p.grad.clone()
+        clip_and_step(folded, ps, max_norm)
+        torch.nn.utils.clip_grad_norm_(qs, max_norm)
+        reference.step()
+    assert not hasattr(folded, "grad_scale")
+    for p, q in zip(ps, qs):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
 def test_stage1_batches_shard_each_global_batch_over_ranks_and_cover_epochs():
     n, batch, world = 10, 2, 2
     ranks = [StepBatchSampler(n, batch, world, r, seed=7, start=0, stop=4) for r in range(world)]
