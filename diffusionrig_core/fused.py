@@ -119,15 +119,8 @@ if triton is not None:
         return z * sig, sig * (1.0 + z * (1.0 - sig))
 
     @triton.jit
-    def _kept(seed_ptr, offset, p):
-        # Dropout's keep mask, drawn from (seed, element offset in memory): the backward redraws it
-        # instead of storing it.
-        return tl.rand(tl.load(seed_ptr), offset.to(tl.int32)) >= p
-
-    @triton.jit
-    def _sums_kernel(x_ptr, dy_ptr, a_ptr, c_ptr, seed_ptr, out1_ptr, out2_ptr, C, HW, s_b, s_c, s_hw, chunk, scale,
-                     drop_p, BACKWARD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_HW: tl.constexpr):
+    def _sums_kernel(x_ptr, dy_ptr, a_ptr, c_ptr, mask_ptr, out1_ptr, out2_ptr, C, HW, s_b, s_c, s_hw, chunk, scale,
+                     BACKWARD: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
         # Program (b, channel block, hw chunk): per-channel partial sums over its chunk.
         # Forward: sum x and sum x^2; backward: sum dz and sum dz * x (dz = dy * SiLU'(a x + c)).
         b = tl.program_id(0)
@@ -150,8 +143,8 @@ if triton is not None:
             x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
             if BACKWARD:
                 dy = tl.load(dy_ptr + idx, mask=m, other=0.0).to(tl.float32)
-                if DROPOUT:
-                    dy = tl.where(_kept(seed_ptr, idx, drop_p), dy * scale, 0.0)
+                if HAS_MASK:
+                    dy = dy * tl.load(mask_ptr + idx, mask=m, other=0).to(tl.float32) * scale
                 _, g = _silu_and_grad(x * a + c)
                 dz = tl.where(m, dy * g, 0.0)
                 acc1 += dz
@@ -226,8 +219,8 @@ if triton is not None:
         tl.store(v_ptr + b * C + ch, mean_c * (rstd * rstd * g2 / n) - rstd * g1 / n, mask=cm)
 
     @triton.jit
-    def _apply_kernel(x_ptr, dy_ptr, a_ptr, c_ptr, u_ptr, v_ptr, seed_ptr, y_ptr, n, C, HW, scale, drop_p,
-                      CHANNELS_LAST: tl.constexpr, BACKWARD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
+    def _apply_kernel(x_ptr, dy_ptr, a_ptr, c_ptr, u_ptr, v_ptr, mask_ptr, y_ptr, n, C, HW, scale,
+                      CHANNELS_LAST: tl.constexpr, BACKWARD: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
         # Elementwise over the flat tensor; the (b, c) coefficients are gathered from small tables.
         # Forward: y = SiLU(a x + c) (times the dropout mask); backward: dx = a dz + u x + v.
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -240,16 +233,16 @@ if triton is not None:
         a = tl.load(a_ptr + bc, mask=m, other=0.0)
         c = tl.load(c_ptr + bc, mask=m, other=0.0)
         y, g = _silu_and_grad(x * a + c)
-        if DROPOUT:
-            keep = tl.where(_kept(seed_ptr, off, drop_p), scale, 0.0)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + off, mask=m, other=0).to(tl.float32) * scale
         if BACKWARD:
             dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-            if DROPOUT:
+            if HAS_MASK:
                 dy = dy * keep
             u = tl.load(u_ptr + bc, mask=m, other=0.0)
             v = tl.load(v_ptr + bc, mask=m, other=0.0)
             y = dy * g * a + x * u + v
-        elif DROPOUT:
+        elif HAS_MASK:
             y = y * keep
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
@@ -271,8 +264,7 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def _partial_sums(x, dy=None, a=None, c=None, mask=None, scale: float = 1.0):
-    """(B, chunks, C) float32 partial sums of x and x^2, or (backward) of dz and dz x. On the
-    Triton path ``mask`` is dropout's seed (``scale`` = 1 / (1 - p))."""
+    """(B, chunks, C) float32 partial sums of x and x^2, or (backward) of dz and dz x."""
     B, C = x.shape[:2]
     HW = x[0, 0].numel()
     cl = _is_channels_last(x)
@@ -289,7 +281,7 @@ def _partial_sums(x, dy=None, a=None, c=None, mask=None, scale: float = 1.0):
     backward = dy is not None
     _sums_kernel[(B, c_blocks, n_chunks)](
         x, dy if backward else x, a if backward else out1, c if backward else out1, x if mask is None else mask,
-        out1, out2, C, HW, s_b, s_c, s_hw, chunk, scale, 1.0 - 1.0 / scale, BACKWARD=backward, DROPOUT=mask is not None,
+        out1, out2, C, HW, s_b, s_c, s_hw, chunk, scale, BACKWARD=backward, HAS_MASK=mask is not None,
         BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=4)
     return out1, out2
 
@@ -323,8 +315,8 @@ def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=Non
     backward = dy is not None
     _apply_kernel[(triton.cdiv(n, block),)](
         x, dy if backward else x, a, c, u if backward else a, v if backward else a, x if mask is None else mask, y,
-        n, C, x[0, 0].numel(), scale, 1.0 - 1.0 / scale, CHANNELS_LAST=_is_channels_last(x), BACKWARD=backward,
-        DROPOUT=mask is not None, BLOCK=block, num_warps=8)
+        n, C, x[0, 0].numel(), scale, CHANNELS_LAST=_is_channels_last(x), BACKWARD=backward,
+        HAS_MASK=mask is not None, BLOCK=block, num_warps=8)
     return y
 
 
@@ -406,8 +398,8 @@ class _NormAffineSiLU(torch.autograd.Function):
 
 
 class _NormAffineSiLUConv(torch.autograd.Function):
-    """(x + beta) -> norm -> SiLU -> (dropout) -> conv that keeps only x (and dropout's mask, or on
-    CUDA the seed it is drawn from) for the backward.
+    """(x + beta) -> norm -> SiLU -> (dropout) -> conv that keeps only x (and the dropout mask) for
+    the backward.
 
     Eager autograd would keep the SiLU output (the conv's input) and the dropped-out copy as well:
     two more activations per norm. Recomputing them in the backward costs one elementwise pass;
@@ -421,13 +413,9 @@ class _NormAffineSiLUConv(torch.autograd.Function):
     def forward(ctx, x, A, C, beta, groups: int, eps: float, weight, bias, p: float, recompute: bool):
         use_triton = _use_triton(x)
         a, c, mean, rstd, raw = _coefficients(x, A, C, beta, groups, eps, use_triton)
-        mask, scale = None, 1.0 / (1.0 - p) if p > 0 else 1.0
-        if p > 0 and use_triton:
-            # The kernels draw the mask from a seed (drawn here: graph-safe, and the backward redraws
-            # the same mask instead of reading a stored one).
-            mask = torch.randint(0, 2 ** 31 - 1, (1,), device=x.device, dtype=torch.int64)
-        y = _apply(x, a, c, use_triton, mask, scale)
-        if p > 0 and not use_triton:
+        y = _apply(x, a, c, use_triton)
+        mask = None
+        if p > 0:
             y, mask = torch.native_dropout(y, p, True)
         w = weight.to(x.dtype)  # cast once: the backward uses it again
         out = F.conv2d(y, w, None if bias is None else bias.to(x.dtype), padding=weight.shape[-1] // 2)
