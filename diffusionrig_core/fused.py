@@ -87,7 +87,7 @@ def _apply_torch(x, a, c, mask=None, scale: float = 1.0):
     return y.to(x.dtype)
 
 
-def _backward_torch(x, dy, A, a, c, mean, rstd, beta, groups: int, mask=None, scale: float = 1.0):
+def _backward_torch(x, dy, A, a, c, mean, rstd, beta, groups: int, mask=None, scale: float = 1.0, extra=None):
     B, ch = x.shape[:2]
     rep = ch // groups
     xf, dyf = x.float(), dy.float()
@@ -105,6 +105,8 @@ def _backward_torch(x, dy, A, a, c, mean, rstd, beta, groups: int, mask=None, sc
     u = (-(rstd * rstd) * g2 / n).repeat_interleave(rep, dim=1)
     v = mean_c * (rstd * rstd * g2 / n).repeat_interleave(rep, dim=1) - (rstd * g1 / n).repeat_interleave(rep, dim=1)
     dx = dz * _bcast(a, x) + xf * _bcast(u, x) + _bcast(v, x)
+    if extra is not None:
+        dx = dx + extra.float()
     return dx.to(x.dtype), dA, dC, u, v
 
 
@@ -219,10 +221,12 @@ if triton is not None:
         tl.store(v_ptr + b * C + ch, mean_c * (rstd * rstd * g2 / n) - rstd * g1 / n, mask=cm)
 
     @triton.jit
-    def _apply_kernel(x_ptr, dy_ptr, a_ptr, c_ptr, u_ptr, v_ptr, mask_ptr, y_ptr, n, C, HW, scale,
-                      CHANNELS_LAST: tl.constexpr, BACKWARD: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    def _apply_kernel(x_ptr, dy_ptr, a_ptr, c_ptr, u_ptr, v_ptr, mask_ptr, e_ptr, y_ptr, n, C, HW, scale,
+                      CHANNELS_LAST: tl.constexpr, BACKWARD: tl.constexpr, HAS_MASK: tl.constexpr,
+                      HAS_EXTRA: tl.constexpr, BLOCK: tl.constexpr):
         # Elementwise over the flat tensor; the (b, c) coefficients are gathered from small tables.
-        # Forward: y = SiLU(a x + c) (times the dropout mask); backward: dx = a dz + u x + v.
+        # Forward: y = SiLU(a x + c) (times the dropout mask); backward: dx = a dz + u x + v (+ e, a
+        # gradient of x from elsewhere).
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = off < n
         if CHANNELS_LAST:
@@ -242,6 +246,8 @@ if triton is not None:
             u = tl.load(u_ptr + bc, mask=m, other=0.0)
             v = tl.load(v_ptr + bc, mask=m, other=0.0)
             y = dy * g * a + x * u + v
+            if HAS_EXTRA:
+                y += tl.load(e_ptr + off, mask=m, other=0.0).to(tl.float32)
         elif HAS_MASK:
             y = y * keep
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
@@ -307,20 +313,20 @@ def _coefficients_triton(x, A, C, beta, groups: int, eps: float):
     return a, c, mean, rstd, raw
 
 
-def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=None):
+def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=None, extra=None):
     C = x.shape[1]
     y = torch.empty_like(x)  # keeps x's memory format
     n = x.numel()
     block = 2048
     backward = dy is not None
     _apply_kernel[(triton.cdiv(n, block),)](
-        x, dy if backward else x, a, c, u if backward else a, v if backward else a, x if mask is None else mask, y,
-        n, C, x[0, 0].numel(), scale, CHANNELS_LAST=_is_channels_last(x), BACKWARD=backward,
-        HAS_MASK=mask is not None, BLOCK=block, num_warps=8)
+        x, dy if backward else x, a, c, u if backward else a, v if backward else a, x if mask is None else mask,
+        x if extra is None else extra, y, n, C, x[0, 0].numel(), scale, CHANNELS_LAST=_is_channels_last(x),
+        BACKWARD=backward, HAS_MASK=mask is not None, HAS_EXTRA=extra is not None, BLOCK=block, num_warps=8)
     return y
 
 
-def _backward_triton(x, dy, A, a, c, mean, rstd, beta, groups: int, mask=None, scale: float = 1.0):
+def _backward_triton(x, dy, A, a, c, mean, rstd, beta, groups: int, mask=None, scale: float = 1.0, extra=None):
     B, ch = x.shape[:2]
     cpg = ch // groups
     p1, p2 = _partial_sums(x, dy, a, c, mask, scale)
@@ -328,7 +334,7 @@ def _backward_triton(x, dy, A, a, c, mean, rstd, beta, groups: int, mask=None, s
     _bwd_coef_kernel[(B, groups)](p1, p2, A, dA if beta is None else beta, mean, rstd, dA, dC, u, v, ch, A.stride(0),
                                   p1.shape[1], cpg, float(cpg * x[0, 0].numel()), HAS_BETA=beta is not None,
                                   **_group_blocks(p1, cpg), num_warps=1)
-    return _apply_triton(x, a, c, mask, scale, dy, u, v), dA, dC, u, v
+    return _apply_triton(x, a, c, mask, scale, dy, u, v, extra), dA, dC, u, v
 
 
 def _bias_add_triton(h, bias, residual=None):
@@ -376,9 +382,10 @@ def _apply(x, a, c, use_triton, mask=None, scale=1.0):
     return _apply_triton(x, a, c, mask, scale) if use_triton else _apply_torch(x, a, c, mask, scale)
 
 
-def _backward(x, dy, A, a, c, mean, rstd, beta, groups, use_triton, mask=None, scale=1.0):
+def _backward(x, dy, A, a, c, mean, rstd, beta, groups, use_triton, mask=None, scale=1.0, extra=None):
     fn = _backward_triton if use_triton else _backward_torch
-    return fn(x, _like(dy, x), A, a, c, mean, rstd, beta, groups, mask, scale)
+    extra = None if extra is None else _like(extra.to(x.dtype), x)
+    return fn(x, _like(dy, x), A, a, c, mean, rstd, beta, groups, mask, scale, extra)
 
 
 class _NormAffineSiLU(torch.autograd.Function):
@@ -410,7 +417,9 @@ class _NormAffineSiLUConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, A, C, beta, groups: int, eps: float, weight, bias, p: float, recompute: bool):
+    def forward(ctx, x, A, C, beta, groups: int, eps: float, weight, bias, p: float, recompute: bool,
+                passthrough: bool):
+        ctx.set_materialize_grads(False)
         use_triton = _use_triton(x)
         a, c, mean, rstd, raw = _coefficients(x, A, C, beta, groups, eps, use_triton)
         y = _apply(x, a, c, use_triton)
@@ -422,10 +431,10 @@ class _NormAffineSiLUConv(torch.autograd.Function):
         ctx.save_for_backward(x, A, a, c, mean, rstd, beta, raw, w, mask, None if recompute else y)
         ctx.groups, ctx.use_triton, ctx.p, ctx.has_bias = groups, use_triton, p, bias is not None
         ctx.weight_dtype = weight.dtype
-        return out
+        return (out, x.view_as(x)) if passthrough else out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, d_passthrough=None):
         x, A, a, c, mean, rstd, beta, raw, w, mask, y = ctx.saved_tensors
         scale = 1.0 / (1.0 - ctx.p) if ctx.p > 0 else 1.0
         if y is None:
@@ -438,11 +447,12 @@ class _NormAffineSiLUConv(torch.autograd.Function):
             dout, y, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, False])
         del y
         db = _channel_totals(dout).to(ctx.weight_dtype) if ctx.has_bias else None
-        dx, dA, dC, u, v = _backward(x, dy, A, a, c, mean, rstd, beta, ctx.groups, ctx.use_triton, mask, scale)
+        dx, dA, dC, u, v = _backward(x, dy, A, a, c, mean, rstd, beta, ctx.groups, ctx.use_triton, mask, scale,
+                                     d_passthrough)
         dbeta = None
         if beta is not None:  # sum over pixels and batch of dx = a dz + u x + v
             dbeta = (a * dC + u * raw + x[0, 0].numel() * v).sum(0).to(beta.dtype)
-        return dx, dA, dC, dbeta, None, None, dw.to(ctx.weight_dtype), db, None, None
+        return dx, dA, dC, dbeta, None, None, dw.to(ctx.weight_dtype), db, None, None, None
 
 
 class _BiasAdd(torch.autograd.Function):
@@ -487,7 +497,8 @@ def norm_affine_silu(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Ten
 
 def norm_affine_silu_conv(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None = None, *, dropout: float = 0.0, eps: float = 1e-5,
-                          x_bias: torch.Tensor | None = None, recompute: bool = True) -> torch.Tensor:
+                          x_bias: torch.Tensor | None = None, recompute: bool = True,
+                          passthrough: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``conv2d(dropout(norm_affine_silu(x + x_bias, groups, A, C)), weight, bias)``, keeping only
     ``x`` for the backward.
 
@@ -496,11 +507,13 @@ def norm_affine_silu_conv(x: torch.Tensor, groups: int, A: torch.Tensor, C: torc
     to be added to ``x`` (the previous convolution's, run without it), folded into the statistics.
     ``dropout`` is applied when positive (pass 0 in eval mode). ``recompute``: the backward
     recomputes the convolution's input from ``x`` (one elementwise pass) instead of keeping it (one
-    more activation per call: at 256 x 256 about 0.4 GiB an image over the UNet).
+    more activation per call: at 256 x 256 about 0.4 GiB an image over the UNet). ``passthrough``:
+    also return ``x`` itself (a view) for a residual connection, whose gradient then joins this op's
+    backward pass instead of being added to it by autograd in a pass of its own.
     """
     x, A, C = _prepare(x, groups, A, C)
     beta = None if x_bias is None else x_bias.float()
-    return _NormAffineSiLUConv.apply(x, A, C, beta, groups, eps, weight, bias, float(dropout), recompute)
+    return _NormAffineSiLUConv.apply(x, A, C, beta, groups, eps, weight, bias, float(dropout), recompute, passthrough)
 
 
 def bias_add(h: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -162,8 +162,9 @@ class ResBlock(nn.Module):
                          conv1.weight, padding=1)
             x = self._resample(x)
         else:
-            h = norm_affine_silu_conv(x, norm1.num_groups, norm1.weight, norm1.bias, conv1.weight, eps=norm1.eps,
-                                      recompute=self.recompute)
+            # x comes back as a view for the residual: both its gradients are summed in one pass
+            h, x = norm_affine_silu_conv(x, norm1.num_groups, norm1.weight, norm1.bias, conv1.weight, eps=norm1.eps,
+                                         recompute=self.recompute, passthrough=True)
         norm2, _, dropout, conv2 = self.out_layers
         h = norm_affine_silu_conv(h, norm2.num_groups, scale, shift, conv2.weight, x_bias=conv1.bias,
                                   dropout=dropout.p if self.training else 0.0, eps=norm2.eps, recompute=self.recompute)

@@ -97,26 +97,34 @@ def test_unet_with_fused_norms_equals_the_official_blocks_forward_and_backward()
         assert float((g[name] - g_ref[name]).abs().max()) < 1e-5 * scale, name
 
 
-def _conv_chain_grads(device="cpu", dtype=torch.float32, recompute=True):
+def _conv_chain_grads(device="cpu", dtype=torch.float32, recompute=True, passthrough=False):
     """The fused (x + beta) -> norm -> FiLM -> SiLU -> dropout -> conv and the same chain unfused."""
     x, A, C = _inputs((2, 8, 6, 5), 4, dtype=dtype, device=device)
     beta = (0.5 * torch.randn(8, generator=torch.Generator().manual_seed(4))).to(device, dtype).requires_grad_()
     conv = torch.nn.Conv2d(8, 6, 3, padding=1).to(device, dtype)
     w = torch.randn(2, 6, 6, 5, generator=torch.Generator().manual_seed(5)).to(device, dtype)
     torch.manual_seed(3)
-    out = norm_affine_silu_conv(x, 4, A, C, conv.weight, conv.bias, dropout=0.3, x_bias=beta, recompute=recompute)
+    out = norm_affine_silu_conv(x, 4, A, C, conv.weight, conv.bias, dropout=0.3, x_bias=beta, recompute=recompute,
+                                passthrough=passthrough)
+    w_res = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(device, dtype)
     inputs = (x, A, C, beta, conv.weight, conv.bias)
-    g = torch.autograd.grad((out * w).sum(), inputs)
+    if passthrough:  # the residual's gradient joins the op's own
+        out, x_res = out
+        assert torch.equal(x_res, x)
+        g = torch.autograd.grad((out * w).sum() + (x_res * w_res).sum(), inputs)
+    else:
+        g = torch.autograd.grad((out * w).sum(), inputs)
     x2, A2, C2, beta2 = (t.detach().clone().requires_grad_() for t in (x, A, C, beta))
     torch.manual_seed(3)  # the same dropout mask: both draw it with one native_dropout call
     ref = conv(torch.native_dropout(reference(x2 + beta2[:, None, None], 4, A2, C2), 0.3, True)[0])
-    g_ref = torch.autograd.grad((ref * w).sum(), (x2, A2, C2, beta2, conv.weight, conv.bias))
+    loss = (ref * w).sum() + ((x2 * w_res).sum() if passthrough else 0)
+    g_ref = torch.autograd.grad(loss, (x2, A2, C2, beta2, conv.weight, conv.bias))
     return out, g, ref, g_ref
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_fused_bias_norm_silu_dropout_conv_equals_the_unfused_chain_forward_and_backward(recompute):
-    out, g, ref, g_ref = _conv_chain_grads(recompute=recompute)
+@pytest.mark.parametrize("recompute, passthrough", [(True, False), (False, False), (True, True)])
+def test_fused_bias_norm_silu_dropout_conv_equals_the_unfused_chain_forward_and_backward(recompute, passthrough):
+    out, g, ref, g_ref = _conv_chain_grads(recompute=recompute, passthrough=passthrough)
     assert torch.allclose(out, ref, atol=1e-5)
     for a, b in zip(g, g_ref):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
@@ -155,7 +163,7 @@ def test_the_film_table_equals_each_blocks_own_film():
 @pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
 def test_triton_bias_norm_silu_dropout_conv_equals_the_unfused_chain():
     torch.backends.cudnn.allow_tf32 = False
-    out, g, ref, g_ref = _conv_chain_grads("cuda")
+    out, g, ref, g_ref = _conv_chain_grads("cuda", passthrough=True)
     assert (out - ref).norm() / ref.norm() < 1e-4
     for a, b in zip(g, g_ref):
         assert (a - b).norm() / b.norm() < 1e-4

@@ -43,8 +43,9 @@ SCRIPT = textwrap.dedent('''
                 ref = T.reference(x2, 32, A2.expand(shape[0], -1), C2.expand(shape[0], -1))
                 g2 = torch.autograd.grad((ref * w.double()).sum(), (x2, A2, C2))
                 worst = max([worst, rel(out, ref)] + [rel(a, b) for a, b in zip(g, g2)])
-    out, g, ref, g_ref = T._conv_chain_grads()
-    worst = max([worst, rel(out, ref)] + [rel(a, b) for a, b in zip(g, g_ref)])
+    for passthrough in (False, True):
+        out, g, ref, g_ref = T._conv_chain_grads(passthrough=passthrough)
+        worst = max([worst, rel(out, ref)] + [rel(a, b) for a, b in zip(g, g_ref)])
     for residual in (False, True):
         h = torch.randn(2, 6, 4, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
         r = torch.randn(2, 6, 4, 3, requires_grad=True) if residual else None
