@@ -128,7 +128,8 @@ class FastDenoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, buffers: torch.Tensor,
                 latent: torch.Tensor | None = None, x_start: torch.Tensor | None = None,
                 weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """``weights``: the UNet's parameters from ``cast_weights`` (inference only)."""
+        """``weights``: the UNet's weights from ``cast_weights`` (inference). When training on CUDA
+        the weights are cast for the call with ``cast_all`` (gradients reach the float32 parameters)."""
         with self._autocast(x_t.device.type):
             if latent is None:
                 if x_start is None:
@@ -137,6 +138,8 @@ class FastDenoiser(nn.Module):
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             args = (self._prep(x_t), t, self._prep(buffers), latent)
+            if weights is None and x_t.is_cuda and torch.is_grad_enabled() and self._casts_weights():
+                weights = self._weights_for_training()
             if weights is not None:
                 eps = torch.func.functional_call(self.model.denoisingUNet, weights, args, strict=False)
             else:
@@ -145,25 +148,35 @@ class FastDenoiser(nn.Module):
         # CUDA-graph outputs live in a pool the next replay overwrites.
         return eps.clone() if self.cudagraphs else eps
 
+    def _cast_names(self) -> list[str]:
+        """The weights autocast would cast: the UNet's convolutions' and linear layers' (biases stay
+        float32: the fused blocks add them in float32; time_embed's dtype is the UNet's own)."""
+        unet = self.model.denoisingUNet
+        return [f"{prefix}.weight" for prefix, m in unet.named_modules()
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not prefix.startswith("time_embed")]
+
+    def _casts_weights(self) -> bool:
+        return self.dtype != torch.float32 and self.unet is self.model.denoisingUNet
+
     def cast_weights(self, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
         """The UNet's convolution and linear weights in the compute dtype, as autocast casts them in
         every call (one cast kernel per weight, ~15 % of a batch-1 call on an H100), cast once for a
-        captured graph that replays many calls. Biases stay float32: the fused blocks add them in
-        float32 (fused.bias_add). ``into``: refresh an earlier result in place. None when there is
-        nothing to cast (float32) or the UNet is compiled."""
-        if self.dtype == torch.float32 or self.unet is not self.model.denoisingUNet:
+        captured graph that replays many calls (inference). ``into``: refresh an earlier result in
+        place. None when there is nothing to cast (float32) or the UNet is compiled."""
+        if not self._casts_weights():
             return None
-        unet = self.model.denoisingUNet
-        params = dict(unet.named_parameters())
+        params = dict(self.model.denoisingUNet.named_parameters())
+        names = self._cast_names()
         if into is None:
-            return {f"{prefix}.{name}" if prefix else name: p.detach().to(self.dtype)
-                    for prefix, m in unet.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))
-                    for name, p in m.named_parameters(recurse=False)
-                    if name == "weight" and not prefix.startswith("time_embed")}  # (its dtype is the UNet's)
+            into = {name: torch.empty_like(params[name], dtype=self.dtype) for name in names}
         with torch.no_grad():
-            for name, t in into.items():
-                t.copy_(params[name])
+            torch._foreach_copy_(list(into.values()), [params[name] for name in into])
         return into
+
+    def _weights_for_training(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.denoisingUNet.named_parameters())
+        names = self._cast_names()
+        return dict(zip(names, cast_all(self.dtype, [params[name] for name in names])))
 
     def graphed(self, buffers: torch.Tensor, latent: torch.Tensor, x_example: torch.Tensor) -> "GraphedDenoiser":
         """A ``denoise(x, t)`` for these conditions replayed from a CUDA graph, kept per batch shape
@@ -180,6 +193,28 @@ class FastDenoiser(nn.Module):
         graphs.append(g)
         del graphs[:-2]
         return g
+
+
+class _CastAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *weights: torch.Tensor):
+        out = [torch.empty_like(w, dtype=dtype) for w in weights]  # (keeps channels_last)
+        torch._foreach_copy_(out, list(weights))
+        ctx.dtypes = [w.dtype for w in weights]
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        out = [torch.empty_like(g, dtype=d) for g, d in zip(grads, ctx.dtypes)]
+        torch._foreach_copy_(out, list(grads))
+        return (None, *out)
+
+
+def cast_all(dtype: torch.dtype, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[w.to(dtype) for w in weights]``, differentiable, in a few multi-tensor kernels: autocast
+    casts each weight in a kernel of its own, forward and backward (~190 small kernels a training
+    step of the 256 model), and the gradients come back in the weights' dtype the same way."""
+    return list(_CastAll.apply(dtype, *weights))
 
 
 def enable_fast_path(model: DiffusionRig, compile: bool | str = False, dtype: torch.dtype = torch.bfloat16,

@@ -106,6 +106,42 @@ def test_weights_cast_once_give_the_eps_of_weights_cast_in_every_call(setup):
     assert FastDenoiser(_fresh_copy(model), dtype=torch.float32).cast_weights() is None
 
 
+def test_cast_all_equals_per_weight_casts_forward_and_backward():
+    from diffusionrig_core.fast import cast_all
+
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(5, 3, generator=g).requires_grad_(),
+               torch.randn(4, 2, 3, 3, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()]
+    cast = cast_all(torch.bfloat16, weights)
+    assert all(torch.equal(c, w.to(torch.bfloat16)) for c, w in zip(cast, weights))
+    assert cast[1].is_contiguous(memory_format=torch.channels_last)
+    w_out = [torch.randn(c.shape, generator=g) for c in cast]
+    grads = torch.autograd.grad(sum((c.float() * o).sum() for c, o in zip(cast, w_out)), weights)
+    assert all(gr.dtype == torch.float32 and torch.equal(gr, o) for gr, o in zip(grads, w_out))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_with_weights_cast_all_at_once_equals_autocast_casting_each(setup, monkeypatch):
+    model, x0, buffers, noise, t, *_ = setup
+    m = _fresh_copy(model).cuda().train()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    net = enable_fast_path(m)
+    args = [a.cuda() for a in (x0, buffers, t, noise)]
+
+    def grads():
+        m.zero_grad(set_to_none=True)
+        Diffusion.create().training_losses(net, *args).mean().backward()
+        return [p.grad.clone() for p in m.denoisingUNet.parameters()]
+
+    once = grads()
+    monkeypatch.setattr(FastDenoiser, "_casts_weights", lambda self: False)  # autocast casts each weight
+    each = grads()
+    scale = max(float(g.abs().max()) for g in each)
+    assert max(float((a - b).abs().max()) for a, b in zip(once, each)) <= 1e-3 * scale
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_denoiser_replays_the_same_eps(setup):  # pragma: no cover - GPU only
     from diffusionrig_core.fast import GraphedDenoiser
