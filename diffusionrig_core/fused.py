@@ -390,18 +390,21 @@ def _backward(x, dy, A, a, c, mean, rstd, beta, groups, use_triton, mask=None, s
 
 class _NormAffineSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, A, C, groups: int, eps: float):
+    def forward(ctx, x, A, C, groups: int, eps: float, passthrough: bool):
+        ctx.set_materialize_grads(False)
         use_triton = _use_triton(x)
         a, c, mean, rstd, _ = _coefficients(x, A, C, None, groups, eps, use_triton)
         ctx.save_for_backward(x, A, a, c, mean, rstd)
         ctx.groups, ctx.use_triton = groups, use_triton
-        return _apply(x, a, c, use_triton)
+        y = _apply(x, a, c, use_triton)
+        return (y, x.view_as(x)) if passthrough else y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, d_passthrough=None):
         x, A, a, c, mean, rstd = ctx.saved_tensors
-        dx, dA, dC, _, _ = _backward(x, dy, A, a, c, mean, rstd, None, ctx.groups, ctx.use_triton)
-        return dx, dA, dC, None, None
+        dx, dA, dC, _, _ = _backward(x, dy, A, a, c, mean, rstd, None, ctx.groups, ctx.use_triton,
+                                     extra=d_passthrough)
+        return dx, dA, dC, None, None, None
 
 
 class _NormAffineSiLUConv(torch.autograd.Function):
@@ -485,14 +488,16 @@ def _prepare(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor):
     return _contiguous(x), A, C
 
 
-def norm_affine_silu(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def norm_affine_silu(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, eps: float = 1e-5,
+                     passthrough: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``SiLU(GroupNorm(x, groups, no affine) * A[..., None, None] + C[..., None, None])``.
 
     ``x`` (B, C, ...) in any float dtype, NCHW or channels_last (the output keeps both);
     ``A``, ``C`` per-sample (B, C) or per-channel (C,) scale and shift (computed in float32; a
     GroupNorm's own weight and bias are the per-channel case). Differentiable in all three.
+    ``passthrough``: also return ``x`` (a view) for a residual path, as ``norm_affine_silu_conv``.
     """
-    return _NormAffineSiLU.apply(*_prepare(x, groups, A, C), groups, eps)
+    return _NormAffineSiLU.apply(*_prepare(x, groups, A, C), groups, eps, passthrough)
 
 
 def norm_affine_silu_conv(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, weight: torch.Tensor,

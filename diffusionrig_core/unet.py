@@ -157,12 +157,12 @@ class ResBlock(nn.Module):
         from .fused import bias_add, norm_affine_silu, norm_affine_silu_conv  # (Triton on CUDA: only when used)
 
         norm1, _, conv1 = self.in_layers
+        # x comes back as a view for the residual: both its gradients are summed in one pass
         if self.up or self.down:
-            h = F.conv2d(self._resample(norm_affine_silu(x, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps)),
-                         conv1.weight, padding=1)
+            h, x = norm_affine_silu(x, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps, passthrough=True)
+            h = F.conv2d(self._resample(h), conv1.weight, padding=1)
             x = self._resample(x)
         else:
-            # x comes back as a view for the residual: both its gradients are summed in one pass
             h, x = norm_affine_silu_conv(x, norm1.num_groups, norm1.weight, norm1.bias, conv1.weight, eps=norm1.eps,
                                          recompute=self.recompute, passthrough=True)
         norm2, _, dropout, conv2 = self.out_layers

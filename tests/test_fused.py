@@ -39,6 +39,19 @@ def test_fused_backward_equals_autograd_of_the_unfused_maths():
         assert torch.allclose(a.double(), b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
 
 
+def test_passthrough_returns_x_and_sums_its_gradient_into_the_fused_backward():
+    x, A, C = _inputs((2, 8, 3, 4), 2)
+    x2, A2, C2 = (t.detach().clone().requires_grad_() for t in (x, A, C))
+    g = torch.Generator().manual_seed(1)
+    w, w_res = (torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    out, x_res = norm_affine_silu(x, 2, A, C, passthrough=True)
+    assert torch.equal(x_res, x)
+    g_fused = torch.autograd.grad((out.double() * w).sum() + (x_res * w_res).sum(), (x, A, C))
+    g_ref = torch.autograd.grad((reference(x2, 2, A2, C2) * w).sum() + (x2 * w_res).sum(), (x2, A2, C2))
+    for a, b in zip(g_fused, g_ref):
+        assert torch.allclose(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
 def test_fused_output_keeps_the_memory_format_and_dtype():
     x, A, C = _inputs((1, 4, 4, 4), 2, dtype=torch.bfloat16, channels_last=True)
     y = norm_affine_silu(x, 2, A, C)

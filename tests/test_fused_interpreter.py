@@ -37,11 +37,11 @@ SCRIPT = textwrap.dedent('''
             columns = (table[:, shape[1]:2 * shape[1]], 0.1 * table[:, 2 * shape[1]:])
             for AA, CC in ((A, C), per_channel, columns):
                 w = torch.randn(shape)
-                out = fused.norm_affine_silu(x, 32, AA, CC)
-                g = torch.autograd.grad((out * w).sum(), (x, AA, CC))
+                out, x_res = fused.norm_affine_silu(x, 32, AA, CC, passthrough=True)
+                g = torch.autograd.grad((out * w).sum() + (x_res * w).sum(), (x, AA, CC))
                 x2, A2, C2 = (t.detach().double().requires_grad_() for t in (x, AA, CC))
                 ref = T.reference(x2, 32, A2.expand(shape[0], -1), C2.expand(shape[0], -1))
-                g2 = torch.autograd.grad((ref * w.double()).sum(), (x2, A2, C2))
+                g2 = torch.autograd.grad((ref * w.double()).sum() + (x2 * w.double()).sum(), (x2, A2, C2))
                 worst = max([worst, rel(out, ref)] + [rel(a, b) for a, b in zip(g, g2)])
     for passthrough in (False, True):
         out, g, ref, g_ref = T._conv_chain_grads(passthrough=passthrough)
