@@ -15,6 +15,13 @@ inside the kernels, reading bfloat16 and writing the input's dtype. Gradients re
 through them the norm's weight and bias and both FiLM projections) by ordinary autograd on the
 small (B, C) tensors.
 
+The convolutions around the norms run without their biases: the bias of the convolution before a
+norm is folded into its statistics (the sums of x + beta follow from those of x) and its affine map,
+and the bias after the block's last convolution is added together with the residual in one pass
+(``bias_add``); PyTorch would add each bias to a channels_last activation in a strided pass of its
+own. A block's input can pass through its first norm (``passthrough``) so that the residual's
+gradient is summed inside the norm's backward pass instead of in one more.
+
 Works in NCHW and channels_last alike: only per-channel sums are reduced on the big tensor, the
 groups are combined on the (B, C) sums. On CUDA the four passes are Triton kernels; elsewhere (the
 CPU, tests) the same maths runs in PyTorch, so the backward formula is checked against autograd on
