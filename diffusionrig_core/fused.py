@@ -166,7 +166,13 @@ if triton is not None:
         tl.store(out2_ptr + out, tl.sum(acc2, axis=1), mask=cmask)
 
     @triton.jit
-    def _group_sums(p1_ptr, p2_ptr, b, ch, cm, C, n_chunks, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
+    def _group_sums(p1_ptr, p2_ptr, C, n_chunks, cpg, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
+        # Program (b, group): its channels and their two partial sums reduced over the chunks.
+        b = tl.program_id(0)
+        g = tl.program_id(1)
+        j = tl.arange(0, BLOCK_CPG)
+        cm = j < cpg
+        ch = g * cpg + j
         s1 = tl.zeros((BLOCK_CPG,), tl.float32)
         s2 = tl.zeros((BLOCK_CPG,), tl.float32)
         for k0 in range(0, n_chunks, BLOCK_K):
@@ -175,19 +181,14 @@ if triton is not None:
             idx = (b * n_chunks + k)[:, None] * C + ch[None, :]
             s1 += tl.sum(tl.load(p1_ptr + idx, mask=m, other=0.0), axis=0)
             s2 += tl.sum(tl.load(p2_ptr + idx, mask=m, other=0.0), axis=0)
-        return s1, s2
+        return b, g, ch, cm, s1, s2
 
     @triton.jit
     def _coef_kernel(p1_ptr, p2_ptr, A_ptr, C_ptr, beta_ptr, a_ptr, c_ptr, mean_ptr, rstd_ptr, raw_ptr, C, sA, n_chunks,
                      cpg, hw, eps, HAS_BETA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
         # Program (b, group): the group's mean and 1/std, then a = A / std, c = C - mean a per channel.
         # With an input bias beta the statistics are those of x + beta, from the sums of x.
-        b = tl.program_id(0)
-        g = tl.program_id(1)
-        j = tl.arange(0, BLOCK_CPG)
-        cm = j < cpg
-        ch = g * cpg + j
-        s1, s2 = _group_sums(p1_ptr, p2_ptr, b, ch, cm, C, n_chunks, BLOCK_K, BLOCK_CPG)
+        b, g, ch, cm, s1, s2 = _group_sums(p1_ptr, p2_ptr, C, n_chunks, cpg, BLOCK_K, BLOCK_CPG)
         beta = tl.zeros((BLOCK_CPG,), tl.float32)
         if HAS_BETA:
             beta = tl.load(beta_ptr + ch, mask=cm, other=0.0)
@@ -208,12 +209,7 @@ if triton is not None:
     def _bwd_coef_kernel(p1_ptr, p2_ptr, A_ptr, beta_ptr, mean_ptr, rstd_ptr, dA_ptr, dC_ptr, u_ptr, v_ptr, C, sA,
                          n_chunks, cpg, n, HAS_BETA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
         # Program (b, group): dA, dC per channel and the u, v of dx = a dz + u x + v (_backward_torch).
-        b = tl.program_id(0)
-        g = tl.program_id(1)
-        j = tl.arange(0, BLOCK_CPG)
-        cm = j < cpg
-        ch = g * cpg + j
-        sdz, sdzx = _group_sums(p1_ptr, p2_ptr, b, ch, cm, C, n_chunks, BLOCK_K, BLOCK_CPG)
+        b, g, ch, cm, sdz, sdzx = _group_sums(p1_ptr, p2_ptr, C, n_chunks, cpg, BLOCK_K, BLOCK_CPG)
         rstd = tl.load(rstd_ptr + b * tl.num_programs(1) + g)
         mean_c = tl.load(mean_ptr + b * tl.num_programs(1) + g) + tl.zeros((BLOCK_CPG,), tl.float32)
         if HAS_BETA:
