@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes, atomic_write_json, fsync_dir  # noqa: F401 (re-exported)
+from .files import atomic_write_bytes, atomic_write_json, fsync_dir
 from .errors import DiffusionRigError, ImageError, InputError, NoFaceError
 
 PathLike = str | os.PathLike
@@ -439,7 +439,6 @@ def build_dataset(
     return _finish(writer, report, mean_shape, settings, t0)
 
 
-
 def _finish(writer: "DatasetWriter", report: "DatasetReport", mean_shape: torch.Tensor | None,
             settings: dict, t0: float) -> "DatasetReport":
     """Close the dataset (its index is written last) and write the report beside it."""
@@ -451,6 +450,7 @@ def _finish(writer: "DatasetWriter", report: "DatasetReport", mean_shape: torch.
     report.seconds = time.perf_counter() - t0
     report.write()
     return report
+
 
 def _sidecar_item(path: Path, size: int, load_image) -> tuple[np.ndarray, None, torch.Tensor, dict[str, torch.Tensor]]:
     from .synthetic import load_sidecar

@@ -9,15 +9,16 @@ What changes numerically and what does not:
   float32 and returns the input dtype, exactly as the official ``GroupNorm32`` does under AMP;
 * channels_last memory format (no numerical effect; on with the fused norms or ``torch.compile``).
 
-Host time matters as much as GPU time here (a 256 step launches ~2,000 kernels): ``GraphedDenoiser``
-replays a denoiser from one CUDA graph and ``CapturedStep`` a whole training step. Measured on an
-H100 (docs/PERFORMANCE.md): training 148 images/s at batch 32 (official recipe 63), DDIM-20 of one
-image 0.134 s (official 0.62 s), with no compilation warm-up. ``torch.compile`` remains an option.
+Host time matters as much as GPU time here (a 256 step launches thousands of kernels):
+``GraphedDenoiser`` replays a denoiser from one CUDA graph and ``CapturedStep`` a whole training
+step. Measured on an H100 (docs/PERFORMANCE.md): training 177 images/s at batch 32 (official recipe
+63), DDIM-20 of one image 0.082 s (official 0.62 s), with no compilation warm-up. ``torch.compile``
+remains an option.
 
 Stated tolerance (``FAST_TOLERANCE``, asserted by tests/test_fast.py): the relative L2 error of bf16 eps,
 latents and DDIM samples against float32 stays below 4e-2. Measured: eps 2.3e-2 on a random tiny model
-(CPU), 1.2e-2 on the official tiny fixture model (CPU) and 1.1e-2 on it on an H100; a DDIM-10 sample of
-that fixture 1.2e-2 (H100). That is bf16's 8-bit mantissa carried through ~20 residual blocks (the
+(CPU), 1.2e-2 on the official tiny fixture model (CPU) and 1.0e-2 on it on an H100; a DDIM-10 sample of
+that fixture 1.1e-2 (H100). That is bf16's 8-bit mantissa carried through ~20 residual blocks (the
 official fp16 recipe has 10 bits).
 Parity with the official outputs is tested on the float32 path only.
 """
@@ -60,7 +61,7 @@ def recompute_for_batch(batch_per_device: int) -> bool:
     """The training default for ``set_fused(recompute=...)``: recompute from 16 images a device up.
 
     Keeping the convolution inputs costs ~0.4 GiB an image at 256 x 256 (batch 32: 21 -> 34 GiB on an
-    H100) and saves one elementwise pass per norm, ~4 % of a batch-4 step."""
+    H100) and saves one elementwise pass per norm (H100, batch 4: 33.4 -> 32.2 ms a step)."""
     return batch_per_device >= 16
 
 
@@ -104,6 +105,10 @@ class FastDenoiser(nn.Module):
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.cudagraphs = compile == "reduce-overhead" or compile == "max-autotune"
+        # The weights autocast would cast: the UNet's convolutions' and linear layers' (biases stay
+        # float32: the fused blocks add them in float32; time_embed's dtype is the UNet's own).
+        self._cast_names = [f"{prefix}.weight" for prefix, m in model.denoisingUNet.named_modules()
+                            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not prefix.startswith("time_embed")]
         self.unet: Any = model.denoisingUNet
         if compile:
             mode = None if compile is True else compile
@@ -148,13 +153,6 @@ class FastDenoiser(nn.Module):
         # CUDA-graph outputs live in a pool the next replay overwrites.
         return eps.clone() if self.cudagraphs else eps
 
-    def _cast_names(self) -> list[str]:
-        """The weights autocast would cast: the UNet's convolutions' and linear layers' (biases stay
-        float32: the fused blocks add them in float32; time_embed's dtype is the UNet's own)."""
-        unet = self.model.denoisingUNet
-        return [f"{prefix}.weight" for prefix, m in unet.named_modules()
-                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not prefix.startswith("time_embed")]
-
     def _casts_weights(self) -> bool:
         return self.dtype != torch.float32 and self.unet is self.model.denoisingUNet
 
@@ -166,17 +164,15 @@ class FastDenoiser(nn.Module):
         if not self._casts_weights():
             return None
         params = dict(self.model.denoisingUNet.named_parameters())
-        names = self._cast_names()
         if into is None:
-            into = {name: torch.empty_like(params[name], dtype=self.dtype) for name in names}
+            into = {name: torch.empty_like(params[name], dtype=self.dtype) for name in self._cast_names}
         with torch.no_grad():
             torch._foreach_copy_(list(into.values()), [params[name] for name in into])
         return into
 
     def _weights_for_training(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.denoisingUNet.named_parameters())
-        names = self._cast_names()
-        return dict(zip(names, cast_all(self.dtype, [params[name] for name in names])))
+        return dict(zip(self._cast_names, cast_all(self.dtype, [params[name] for name in self._cast_names])))
 
     def graphed(self, buffers: torch.Tensor, latent: torch.Tensor, x_example: torch.Tensor) -> "GraphedDenoiser":
         """A ``denoise(x, t)`` for these conditions replayed from a CUDA graph, kept per batch shape
@@ -306,9 +302,6 @@ class CapturedStep:
         if self.graph is None:
             self.static_inputs = [x.detach().clone() for x in inputs]
             torch.cuda.synchronize()
-            # The warm-up steps' freed activations stay cached outside the graph's private pool:
-            # release them, or the process would hold both (batch 32: 45 GiB reserved for 21 in use).
-            torch.cuda.empty_cache()
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: the DataLoader's pin-memory thread may touch CUDA while this captures.
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
