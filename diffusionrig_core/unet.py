@@ -388,6 +388,13 @@ class UNetModel(nn.Module):
             cache[key] = FiLMTable.column_order(blocks).to(emb.device)
         return FiLMTable(blocks, emb, latent, cache[key])
 
+    def _concat(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if self.fused:  # (its gradients come back as two tensors, not two slices of one)
+            from .fused import concat_channels
+
+            return concat_channels(h, skip)
+        return torch.cat([h, skip], dim=1)
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """x (B,3,H,W), integer timesteps (B,), buffers (B,9,H,W), latent (B,latent_dim) -> (B,out,H,W)."""
         if timesteps.dim() == 0:
@@ -404,7 +411,7 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, latent)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, latent)
+            h = block(self._concat(h, skips.pop()), emb, latent)
         if self.fused:
             from .fused import norm_affine_silu_conv
 

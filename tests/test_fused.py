@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusionrig_core.fused import bias_add, norm_affine_silu, norm_affine_silu_conv, triton_available
+from diffusionrig_core.fused import (bias_add, concat_channels, dropout_mask, norm_affine_silu, norm_affine_silu_conv,
+                                     triton_available)
 
 
 def reference(x, groups, A, C, eps=1e-5):
@@ -128,8 +129,9 @@ def _conv_chain_grads(device="cpu", dtype=torch.float32, recompute=True, passthr
     else:
         g = torch.autograd.grad((out * w).sum(), inputs)
     x2, A2, C2, beta2 = (t.detach().clone().requires_grad_() for t in (x, A, C, beta))
-    torch.manual_seed(3)  # the same dropout mask: both draw it with one native_dropout call
-    ref = conv(torch.native_dropout(reference(x2 + beta2[:, None, None], 4, A2, C2), 0.3, True)[0])
+    torch.manual_seed(3)  # the same dropout mask: both draw it with one dropout_mask call
+    keep = dropout_mask(x2, 0.3)
+    ref = conv(reference(x2 + beta2[:, None, None], 4, A2, C2) * keep / 0.7)
     loss = (ref * w).sum() + ((x2 * w_res).sum() if passthrough else 0)
     g_ref = torch.autograd.grad(loss, (x2, A2, C2, beta2, conv.weight, conv.bias))
     return out, g, ref, g_ref
@@ -155,6 +157,35 @@ def test_bias_add_equals_bias_plus_residual_forward_and_backward(residual):
     inputs = (h, bias, r) if residual else (h, bias)
     for a, b in zip(torch.autograd.grad((out * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
         assert torch.allclose(a.double(), b)
+
+
+def test_dropout_mask_keeps_each_element_with_probability_one_minus_p_in_the_inputs_layout():
+    x = torch.empty(8, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    keep = dropout_mask(x, 0.25)
+    assert keep.dtype == torch.bool and keep.is_contiguous(memory_format=torch.channels_last)
+    assert abs(float(keep.float().mean()) - 0.75) < 0.01
+
+
+def _concat_check(device: str, whole_gradients: bool) -> None:
+    a = torch.randn(2, 6, 4, 3, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = torch.randn(2, 10, 4, 3, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = concat_channels(a, b)
+    assert torch.equal(out, torch.cat([a, b], dim=1))
+    w = torch.randn(out.shape, device=device)
+    da, db = torch.autograd.grad((out * w).sum(), (a, b))
+    assert torch.equal(da, w[:, :6]) and torch.equal(db, w[:, 6:])
+    if whole_gradients:  # (not two channel slices of one gradient)
+        assert da.is_contiguous(memory_format=torch.channels_last) and db.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_concat_channels_equals_torch_cat_forward_and_backward():
+    _concat_check("cpu", whole_gradients=False)
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+def test_triton_concat_channels_equals_torch_cat_and_returns_whole_gradients():
+    _concat_check("cuda", whole_gradients=True)
 
 
 def test_the_film_table_equals_each_blocks_own_film():

@@ -55,6 +55,7 @@ SCRIPT = textwrap.dedent('''
         inputs = (h, b, r) if residual else (h, b)
         grads = zip(torch.autograd.grad(o.sum(), inputs), torch.autograd.grad(o_ref.sum(), inputs))
         worst = max([worst, rel(o, o_ref)] + [rel(a, c) for a, c in grads])
+    T._concat_check("cpu", whole_gradients=True)  # (through the Triton copy kernel: _use_triton is patched above)
     print("WORST", worst)
 ''')
 
