@@ -100,15 +100,9 @@ class ResBlock(nn.Module):
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if (self.up or self.down) and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            # Fast path (channels_last): views and one reduction over (b, h, w, c). PyTorch's
-            # channels_last avg-pool backward and upsampling kernels took 0.6-0.9 ms a call (H100, batch 4).
-            b, c, h, w = x.shape
-            t = x.permute(0, 2, 3, 1)
-            if self.up:
-                t = t[:, :, None, :, None, :].expand(b, h, 2, w, 2, c).reshape(b, 2 * h, 2 * w, c)
-            else:
-                t = t.reshape(b, h // 2, 2, w // 2, 2, c).mean((2, 4))
-            return t.permute(0, 3, 1, 2)
+            from .fused import resample2x  # (PyTorch's channels_last pooling and upsampling are slow)
+
+            return resample2x(x, up=self.up)
         if self.up:
             # CUDA autocast would upsample in float32 (and every later block would follow); nearest
             # upsampling only copies values, so keep the input's dtype.

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusionrig_core.fused import (bias_add, concat_channels, dropout_mask, norm_affine_silu, norm_affine_silu_conv,
-                                     triton_available)
+                                     resample2x, triton_available)
 
 
 def reference(x, groups, A, C, eps=1e-5):
@@ -159,14 +159,6 @@ def test_bias_add_equals_bias_plus_residual_forward_and_backward(residual):
         assert torch.allclose(a.double(), b)
 
 
-def test_dropout_mask_keeps_each_element_with_probability_one_minus_p_in_the_inputs_layout():
-    x = torch.empty(8, 16, 32, 32).contiguous(memory_format=torch.channels_last)
-    torch.manual_seed(0)
-    keep = dropout_mask(x, 0.25)
-    assert keep.dtype == torch.bool and keep.is_contiguous(memory_format=torch.channels_last)
-    assert abs(float(keep.float().mean()) - 0.75) < 0.01
-
-
 def _concat_check(device: str, whole_gradients: bool) -> None:
     a = torch.randn(2, 6, 4, 3, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
     b = torch.randn(2, 10, 4, 3, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -186,6 +178,50 @@ def test_concat_channels_equals_torch_cat_forward_and_backward():
 @pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
 def test_triton_concat_channels_equals_torch_cat_and_returns_whole_gradients():
     _concat_check("cuda", whole_gradients=True)
+
+
+def _dropout_mask_check(device: str) -> None:
+    for shape, channels_last in (((8, 16, 32, 32), True), ((3, 5, 7, 11), False)):
+        x = torch.empty(shape, device=device)
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        torch.manual_seed(0)
+        keep = dropout_mask(x, 0.25)
+        assert keep.dtype == torch.bool and keep.shape == x.shape and keep.stride() == x.stride()
+        assert abs(float(keep.float().mean()) - 0.75) < 0.02
+        torch.manual_seed(0)
+        assert torch.equal(dropout_mask(x, 0.25), keep)  # drawn from the global generator
+        assert not torch.equal(dropout_mask(x, 0.25), keep)
+
+
+def test_dropout_mask_keeps_each_element_with_probability_one_minus_p_in_the_inputs_layout():
+    _dropout_mask_check("cpu")
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+def test_triton_dropout_mask_keeps_one_minus_p_and_follows_the_global_seed():
+    _dropout_mask_check("cuda")
+
+
+def _resample_check(device: str, dtype=torch.float32) -> None:
+    x = torch.randn(2, 6, 8, 4, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for up, reference in ((False, lambda t: F.avg_pool2d(t, 2)), (True, lambda t: F.interpolate(t, scale_factor=2))):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, ref = resample2x(a, up), reference(b)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(out, ref, atol=1e-6)
+        w = torch.randn(ref.shape, device=device, dtype=dtype)
+        (out * w).sum().backward()
+        (ref * w).sum().backward()
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_resample2x_equals_average_pooling_and_nearest_upsampling_forward_and_backward():
+    _resample_check("cpu")
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+def test_triton_resample2x_equals_average_pooling_and_nearest_upsampling():
+    _resample_check("cuda")
 
 
 def test_the_film_table_equals_each_blocks_own_film():

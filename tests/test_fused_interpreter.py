@@ -55,7 +55,9 @@ SCRIPT = textwrap.dedent('''
         inputs = (h, b, r) if residual else (h, b)
         grads = zip(torch.autograd.grad(o.sum(), inputs), torch.autograd.grad(o_ref.sum(), inputs))
         worst = max([worst, rel(o, o_ref)] + [rel(a, c) for a, c in grads])
-    T._concat_check("cpu", whole_gradients=True)  # (through the Triton copy kernel: _use_triton is patched above)
+    T._concat_check("cpu", whole_gradients=True)
+    T._resample_check("cpu")
+    T._dropout_mask_check("cpu")  # (through the Triton copy kernel: _use_triton is patched above)
     print("WORST", worst)
 ''')
 
