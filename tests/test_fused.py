@@ -202,6 +202,20 @@ def test_triton_dropout_mask_keeps_one_minus_p_and_follows_the_global_seed():
     _dropout_mask_check("cuda")
 
 
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+def test_dropout_masks_differ_between_replays_of_a_captured_graph():
+    x = torch.empty(4, 64, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    dropout_mask(x, 0.1)  # (compiles the kernel outside the capture)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        keep = dropout_mask(x, 0.1)
+    masks = []
+    for _ in range(2):
+        graph.replay()
+        masks.append(keep.clone())
+    assert not torch.equal(*masks)
+
+
 def _resample_check(device: str, dtype=torch.float32) -> None:
     x = torch.randn(2, 6, 8, 4, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     for up, reference in ((False, lambda t: F.avg_pool2d(t, 2)), (True, lambda t: F.interpolate(t, scale_factor=2))):
