@@ -646,7 +646,9 @@ class Trainer:
             self._load_state()
 
     def _load_state(self) -> None:
-        state = load_training_state(self.ck_dir, map_location=self.device)
+        # On the CPU: RNG states must stay CPU byte tensors (mapped to CUDA, resuming a GPU run
+        # failed), and load_state_dict moves the optimizer's state to its parameters' device.
+        state = load_training_state(self.ck_dir)
         saved = state.get("config", {})
         for key in ("stage", "batch_size", "seed"):
             if key in saved and saved[key] != getattr(self.config, key):
