@@ -130,7 +130,7 @@ class TrainConfig:
         settings = dict(
             stage=stage, lr=1e-3 if stage == 1 else 3e-4, batch_size=4 if stage == 1 else 2,
             max_steps=20, save_interval=10, num_workers=0, precision="fp32", log_interval=5,
-            model=ModelConfig.tiny().to_dict(), fast=False,
+            model=ModelConfig.tiny().to_dict(), fast=False, device="cpu",
         )
         settings.update(overrides)
         return cls(**settings)
@@ -613,7 +613,8 @@ class Trainer:
 
             torch.backends.cudnn.benchmark = True
             self.net = FastDenoiser(self.model, dtype=torch.bfloat16 if self.use_bf16 else torch.float32,
-                                    compile=cfg.compile, recompute=recompute_for_batch(cfg.micro_batch or cfg.batch_size))
+                                    compile=cfg.compile, recompute=recompute_for_batch(cfg.micro_batch or cfg.batch_size),
+                                    cast_at_once=self.ctx.world == 1)
         elif cfg.compile:
             self.net = torch.compile(self.model)
         self.diffusion = Diffusion.create(cfg.schedule, cfg.diffusion_steps)
