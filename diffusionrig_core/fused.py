@@ -347,7 +347,10 @@ def _partial_sums(x, dy=None, a=None, c=None, mask=None, scale: float = 1.0):
 
 
 def _group_blocks(p1: torch.Tensor, cpg: int) -> dict:
-    return dict(BLOCK_K=min(64, triton.next_power_of_2(p1.shape[1])), BLOCK_CPG=triton.next_power_of_2(cpg))
+    # Few fixed tile sizes (the kernels loop and mask): each distinct size is one more compilation
+    # on first use, and sizes fitted to every (chunks, channels per group) pair of a UNet made
+    # dozens of them. These kernels work on (B, C) sums, a few microseconds a call either way.
+    return dict(BLOCK_K=32, BLOCK_CPG=max(16, triton.next_power_of_2(cpg)))
 
 
 def _small(x: torch.Tensor, *like: int) -> torch.Tensor:
