@@ -22,6 +22,11 @@ and the bias after the block's last convolution is added together with the resid
 own. A block's input can pass through its first norm (``passthrough``) so that the residual's
 gradient is summed inside the norm's backward pass instead of in one more.
 
+Around the norms, three more memory-bound steps of the UNet's fast path are single tiled passes
+here: the decoder's skip concatenation (``concat_channels``, whose gradients come back as two whole
+tensors rather than two strided slices), the 2x resampling of the up/down blocks (``resample2x``), and
+the dropout keep mask (``dropout_mask``), drawn before the norm's pass and applied inside it.
+
 Works in NCHW and channels_last alike: only per-channel sums are reduced on the big tensor, the
 groups are combined on the (B, C) sums. On CUDA the four passes are Triton kernels; elsewhere (the
 CPU, tests) the same maths runs in PyTorch, so the backward formula is checked against autograd on
