@@ -283,32 +283,23 @@ if triton is not None:
         v = tl.load(src_ptr + r[:, None] * s_src + col[None, :], mask=m)
         tl.store(dst_ptr + r[:, None] * s_dst + col[None, :], v, mask=m)
 
-
     @triton.jit
-    def _pool2x2_kernel(src_ptr, dst_ptr, n, C, Wo, scale, BLOCK: tl.constexpr):
-        # channels_last dst (B, Ho, Wo, C) = scale * the sum of each 2 x 2 window of src (B, 2Ho, 2Wo, C),
-        # summed in float32 and rounded once.
+    def _resample_kernel(src_ptr, dst_ptr, n, C, W, scale, UP: tl.constexpr, BLOCK: tl.constexpr):
+        # channels_last dst (B, H, W, C), each element scale times: UP, its 2 x 2 window's value in
+        # src (B, H/2, W/2, C); else the sum of its 2 x 2 window in src (B, 2H, 2W, C), in float32.
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = off < n
         c = off % C
-        p = off // C
-        src = ((p // Wo) * 4 * Wo + 2 * (p % Wo)) * C + c  # row 2 (b Ho + i), column 2 j of src
-        row = 2 * Wo * C
-        s = tl.load(src_ptr + src, mask=m, other=0.0).to(tl.float32)
-        s += tl.load(src_ptr + src + C, mask=m, other=0.0).to(tl.float32)
-        s += tl.load(src_ptr + src + row, mask=m, other=0.0).to(tl.float32)
-        s += tl.load(src_ptr + src + row + C, mask=m, other=0.0).to(tl.float32)
-        tl.store(dst_ptr + off, (s * scale).to(dst_ptr.dtype.element_ty), mask=m)
-
-    @triton.jit
-    def _repeat2x2_kernel(src_ptr, dst_ptr, n, C, W, scale, BLOCK: tl.constexpr):
-        # channels_last dst (B, 2H, W = 2W', C) = scale * src (B, H, W', C) repeated over 2 x 2 windows.
-        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = off < n
-        c = off % C
-        p = off // C
-        src = ((p // W) // 2 * (W // 2) + (p % W) // 2) * C + c
-        v = tl.load(src_ptr + src, mask=m, other=0.0).to(tl.float32)
+        p = off // C  # (b H + y) W + x
+        if UP:
+            v = tl.load(src_ptr + ((p // W) // 2 * (W // 2) + (p % W) // 2) * C + c, mask=m, other=0.0).to(tl.float32)
+        else:
+            src = ((p // W) * 4 * W + 2 * (p % W)) * C + c  # row 2 (b H + y), column 2 x of src
+            row = 2 * W * C
+            v = tl.load(src_ptr + src, mask=m, other=0.0).to(tl.float32)
+            v += tl.load(src_ptr + src + C, mask=m, other=0.0).to(tl.float32)
+            v += tl.load(src_ptr + src + row, mask=m, other=0.0).to(tl.float32)
+            v += tl.load(src_ptr + src + row + C, mask=m, other=0.0).to(tl.float32)
         tl.store(dst_ptr + off, (v * scale).to(dst_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -419,19 +410,12 @@ def _copy_channels_triton(src: torch.Tensor, dst: torch.Tensor) -> None:
         src, dst, rows, C, src.stride(3), dst.stride(3), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
 
 
-def _pool2x2_triton(x: torch.Tensor, scale: float) -> torch.Tensor:
+def _resample_triton(x: torch.Tensor, up: bool, scale: float) -> torch.Tensor:
     B, C, H, W = x.shape
-    y = torch.empty((B, C, H // 2, W // 2), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    n, block = y.numel(), 1024
-    _pool2x2_kernel[(triton.cdiv(n, block),)](x, y, n, C, W // 2, scale, BLOCK=block, num_warps=4)
-    return y
-
-
-def _repeat2x2_triton(x: torch.Tensor, scale: float) -> torch.Tensor:
-    B, C, H, W = x.shape
-    y = torch.empty((B, C, 2 * H, 2 * W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    H, W = (2 * H, 2 * W) if up else (H // 2, W // 2)
+    y = torch.empty((B, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     n, block = y.numel(), 2048
-    _repeat2x2_kernel[(triton.cdiv(n, block),)](x, y, n, C, 2 * W, scale, BLOCK=block, num_warps=8)
+    _resample_kernel[(triton.cdiv(n, block),)](x, y, n, C, W, scale, UP=up, BLOCK=block, num_warps=8)
     return y
 
 
@@ -600,12 +584,13 @@ class _Resample2x(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, up: bool):
         ctx.up = up
-        return _repeat2x2_triton(x, 1.0) if up else _pool2x2_triton(x, 0.25)
+        return _resample_triton(x, up, 1.0 if up else 0.25)
 
     @staticmethod
     def backward(ctx, dy):
         dy = dy.contiguous(memory_format=torch.channels_last)
-        return (_pool2x2_triton(dy, 1.0) if ctx.up else _repeat2x2_triton(dy, 0.25)), None
+        # the adjoint: a 2 x 2 sum of the upsampled gradient, or a quarter of it repeated
+        return _resample_triton(dy, not ctx.up, 1.0 if ctx.up else 0.25), None
 
 
 def resample2x(x: torch.Tensor, up: bool) -> torch.Tensor:
