@@ -273,7 +273,6 @@ if triton is not None:
             y += tl.load(r_ptr + off, mask=m, other=0.0).to(tl.float32)
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
-
     @triton.jit
     def _copy_rows_kernel(src_ptr, dst_ptr, rows, cols, s_src, s_dst, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # dst[r, :cols] = src[r, :cols] for two row-major matrices with their own row strides.
