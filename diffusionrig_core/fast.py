@@ -138,7 +138,8 @@ class FastDenoiser(nn.Module):
                 latent: torch.Tensor | None = None, x_start: torch.Tensor | None = None,
                 weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``weights``: the UNet's weights from ``cast_weights`` (inference). When training on CUDA
-        the weights are cast for the call with ``cast_all`` (gradients reach the float32 parameters)."""
+        the weights are cast for the call with ``cast_all`` (gradients reach the float32 parameters),
+        or by autocast where each is used when ``cast_at_once`` is off (DDP)."""
         with self._autocast(x_t.device.type):
             if latent is None:
                 if x_start is None:

@@ -442,8 +442,12 @@ def _contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+
+
 def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else t.contiguous()
+    return t.contiguous(memory_format=_layout(x))
 
 
 def _coefficients(x, A, C, beta, groups, eps, use_triton):
@@ -623,10 +627,6 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     threshold = min(int(round(p * 2**32)), 2**32 - 1)
     _keep_mask_kernel[(triton.cdiv(n, 4 * calls),)](seed, keep, n, threshold, CALLS=calls, num_warps=4)
     return keep
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _is_channels_last(x) else torch.contiguous_format
 
 
 def _prepare(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor):
