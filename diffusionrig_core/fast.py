@@ -91,9 +91,9 @@ class FastDenoiser(nn.Module):
 
         self.model = model
         self.dtype = dtype
-        # Training: all weights cast in one op (``cast_all``) hands every gradient back at the very
-        # end of the backward. Under DDP that leaves its all-reduce nothing to overlap with (2 x H200,
-        # batch 32: scaling 1 -> 2 GPUs 71 % with it, 85 % with per-weight casts), so DDP casts per weight.
+        # Training casts the weights with ``cast_all``. All in one op hands every gradient back at
+        # the very end of the backward: under DDP that leaves its all-reduce nothing to overlap with
+        # (2 x H200, batch 32: scaling 1 -> 2 GPUs 71 %), so DDP casts one UNet block at a time.
         self.cast_at_once = cast_at_once
         if fused is None:  # the Triton kernels: CUDA only, and torch.compile fuses by itself
             fused = not compile and _device_type(model) == "cuda" and triton_available()
@@ -113,6 +113,7 @@ class FastDenoiser(nn.Module):
         # float32: the fused blocks add them in float32; time_embed's dtype is the UNet's own).
         self._cast_names = [f"{prefix}.weight" for prefix, m in model.denoisingUNet.named_modules()
                             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not prefix.startswith("time_embed")]
+        self._cast_groups = [self._cast_names] if cast_at_once else _by_block(self._cast_names)
         self.unet: Any = model.denoisingUNet
         if compile:
             mode = None if compile is True else compile
@@ -138,8 +139,8 @@ class FastDenoiser(nn.Module):
                 latent: torch.Tensor | None = None, x_start: torch.Tensor | None = None,
                 weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``weights``: the UNet's weights from ``cast_weights`` (inference). When training on CUDA
-        the weights are cast for the call with ``cast_all`` (gradients reach the float32 parameters),
-        or by autocast where each is used when ``cast_at_once`` is off (DDP)."""
+        the weights are cast for the call with ``cast_all`` (gradients reach the float32 parameters):
+        all at once, or one UNet block at a time when ``cast_at_once`` is off (DDP)."""
         with self._autocast(x_t.device.type):
             if latent is None:
                 if x_start is None:
@@ -148,7 +149,7 @@ class FastDenoiser(nn.Module):
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             args = (self._prep(x_t), t, self._prep(buffers), latent)
-            if weights is None and self.cast_at_once and x_t.is_cuda and torch.is_grad_enabled() and self._casts_weights():
+            if weights is None and x_t.is_cuda and torch.is_grad_enabled() and self._casts_weights():
                 weights = self._weights_for_training()
             if weights is not None:
                 eps = torch.func.functional_call(self.model.denoisingUNet, weights, args, strict=False)
@@ -177,7 +178,10 @@ class FastDenoiser(nn.Module):
 
     def _weights_for_training(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.denoisingUNet.named_parameters())
-        return dict(zip(self._cast_names, cast_all(self.dtype, [params[name] for name in self._cast_names])))
+        weights: dict[str, torch.Tensor] = {}
+        for names in self._cast_groups:
+            weights.update(zip(names, cast_all(self.dtype, [params[name] for name in names])))
+        return weights
 
     def graphed(self, buffers: torch.Tensor, latent: torch.Tensor, x_example: torch.Tensor) -> "GraphedDenoiser":
         """A ``denoise(x, t)`` for these conditions replayed from a CUDA graph, kept per batch shape
@@ -194,6 +198,17 @@ class FastDenoiser(nn.Module):
         graphs.append(g)
         del graphs[:-2]
         return g
+
+
+def _by_block(names: list[str]) -> list[list[str]]:
+    """Parameter names grouped by the UNet block they belong to ("input_blocks.3", "middle_block", ...),
+    in order: each group's gradients are complete as soon as the backward has left that block."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if parts[0] in ("input_blocks", "output_blocks") else parts[0]
+        groups.setdefault(block, []).append(name)
+    return list(groups.values())
 
 
 class _CastAll(torch.autograd.Function):

@@ -620,8 +620,9 @@ class Trainer:
         self.diffusion = Diffusion.create(cfg.schedule, cfg.diffusion_steps)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # One CUDA graph per step removes the host's kernel-launch cost (H100, batch 4: 141 -> 80 ms a
-        # step before the fused kernels). Not under DDP (its gradient hooks run on the host), nor
-        # around torch.compile's own CUDA graphs.
+        # step before the fused kernels). Not under DDP: a captured DDP step (all-reduce in the graph,
+        # DDP built on the capture stream, 11 eager warm-up steps, NCCL async error handling off) hung
+        # on 2 x H200. Nor around torch.compile's own CUDA graphs.
         self.captured = None
         if cfg.cuda_graph and self.fast and self.ctx.world == 1 and not self.net.cudagraphs:
             from .fast import CapturedStep

@@ -120,6 +120,18 @@ def test_cast_all_equals_per_weight_casts_forward_and_backward():
     assert all(gr.dtype == torch.float32 and torch.equal(gr, o.to(torch.bfloat16).float()) for gr, o in zip(grads, w_out))
 
 
+def test_ddp_casts_the_weights_one_unet_block_at_a_time(setup):
+    model = setup[0]
+    once = FastDenoiser(_fresh_copy(model), fused=False)
+    blocks = FastDenoiser(_fresh_copy(model), fused=False, cast_at_once=False)
+    assert once._cast_groups == [once._cast_names]
+    # every weight once, in the forward's order, and a group never spans two blocks
+    assert [n for g in blocks._cast_groups for n in g] == blocks._cast_names
+    prefixes = [{".".join(n.split(".")[:2]) if n.startswith(("input_blocks", "output_blocks")) else n.split(".")[0]
+                 for n in g} for g in blocks._cast_groups]
+    assert all(len(p) == 1 for p in prefixes) and len(prefixes) == len({next(iter(p)) for p in prefixes})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_with_weights_cast_all_at_once_equals_autocast_casting_each(setup, monkeypatch):
     model, x0, buffers, noise, t, *_ = setup
