@@ -321,11 +321,11 @@ def _read_metadata(meta: dict[str, str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
-def save_model(model: DiffusionRig, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` as .safetensors with its config (and mean shape, metadata), atomically."""
-    from .files import atomic_save_safetensors
+def model_file_bytes(model: DiffusionRig, metadata: dict[str, Any] | None = None) -> bytes:
+    """The ``.safetensors`` file ``save_model`` writes, in memory: a snapshot that later changes to
+    the model do not reach (a training loop writes it in the background)."""
+    from safetensors.torch import save
 
-    p = Path(path)
     # Accept the wrappers a training loop holds: DDP (.module), torch.compile (._orig_mod), FastDenoiser (.model).
     for attr in ("module", "_orig_mod", "model"):
         inner = getattr(model, attr, None)
@@ -340,7 +340,15 @@ def save_model(model: DiffusionRig, path: str | os.PathLike, metadata: dict[str,
     header = {"format": "pt", CONFIG_KEY: model.config.to_json()}
     if meta:
         header[METADATA_KEY] = json.dumps(meta, default=str)
-    atomic_save_safetensors(tensors, p, metadata=header)
+    return save(tensors, metadata=header)
+
+
+def save_model(model: DiffusionRig, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as .safetensors with its config (and mean shape, metadata), atomically."""
+    from .files import atomic_write_bytes
+
+    p = Path(path)
+    atomic_write_bytes(p, model_file_bytes(model, metadata))
     return p
 
 

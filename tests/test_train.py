@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 
 import pytest
 import torch
@@ -190,6 +191,34 @@ def test_a_half_written_checkpoint_is_never_read_as_valid(tmp_path, data, base, 
           progress=False)
     assert json.loads((run / "latest.json").read_text())["step"] == 2
     assert verify_checkpoint(ck / "step_00000002") is not None
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_step_it_was_taken_at(tmp_path, data, base, monkeypatch):
+    trainer = T.Trainer(TrainConfig.tiny(2, max_steps=3, save_interval=0), data["six"], tmp_path / "run", base=base,
+                        progress=False)
+    gate = threading.Event()
+    real = T._write_file_synced
+
+    def held(path, payload):  # the writer waits until the test has trained on
+        assert gate.wait(30)
+        real(path, payload)
+
+    monkeypatch.setattr(T, "_write_file_synced", held)
+    try:
+        batches = trainer._batches()
+        trainer._update(*next(batches))
+        taken = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        ck = trainer.save_checkpoint(wait=False)
+        trainer._update(*next(batches))
+        assert not ck.exists()
+        gate.set()
+        trainer.wait_for_checkpoint()
+    finally:
+        gate.set()
+        trainer.close()
+    saved = load_file(str(ck / "model.safetensors"))
+    assert _same(taken, saved, keys=list(taken)) and not _same(trainer.model.state_dict(), taken)
+    assert T.load_training_state(ck)["step"] == 1 and find_checkpoint(tmp_path / "run") == ck
 
 
 def test_training_state_loads_with_weights_only(tmp_path, data, base):
