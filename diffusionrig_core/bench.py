@@ -107,7 +107,7 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
     """One optimisation step ``step(x0, buffers, t, noise)`` -> None (loss kept on device)."""
     from .diffusion import Diffusion
     from .fast import FastDenoiser, recompute_for_batch, set_sdpa
-    from .train import clip_and_step
+    from .train import update_step
 
     diffusion = Diffusion.create()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -119,12 +119,8 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
         graph = next(model.parameters()).is_cuda and not net.cudagraphs  # (not inside torch.compile's own)
         opt = torch.optim.Adam(params, lr=lr, fused=True, capturable=graph)
 
-        def step(x0, buffers, t, noise):  # as train.Trainer._step
-            opt.zero_grad(set_to_none=True)
-            loss = diffusion.training_losses(net, x0, buffers, t, noise).mean()
-            loss.backward()
-            clip_and_step(opt, params, clip)
-            return loss.detach()
+        def step(x0, buffers, t, noise):  # the Trainer's step
+            return update_step(net, diffusion, opt, params, x0, buffers, t, noise, grad_clip=clip)
         # the same step as train.Trainer: replayed from one CUDA graph after 3 eager warm-up steps
         return CapturedStep(step) if graph else step
 

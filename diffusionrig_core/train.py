@@ -562,6 +562,34 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], 
         optimizer.step()
 
 
+def update_step(net: nn.Module, diffusion: Any, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                x0: torch.Tensor, buffers: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, *,
+                grad_clip: float = 1.0, micro_batch: int | None = None, autocast: bool = False,
+                **loss_options: Any) -> torch.Tensor:
+    """Forward, backward, clipping and update on one batch; the mean loss stays on the device.
+
+    ``micro_batch``: the batch in chunks whose gradients add up (DDP all-reduces after the last
+    only); ``autocast``: bf16 autocast around the loss (the fast path runs its own);
+    ``loss_options``: ``Diffusion.training_losses``'s P2 settings."""
+    optimizer.zero_grad(set_to_none=True)
+    B = x0.shape[0]
+    mb = micro_batch or B
+    chunks = list(range(0, B, mb))
+    total: torch.Tensor | None = None
+    for k, lo in enumerate(chunks):
+        sl = slice(lo, lo + mb)
+        sync = k == len(chunks) - 1 or not hasattr(net, "no_sync")
+        with net.no_sync() if not sync else contextlib.nullcontext(), \
+                torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+            losses = diffusion.training_losses(net, x0[sl], buffers[sl], t[sl], noise[sl], **loss_options)
+            loss = losses.mean() * (mb / B) if len(chunks) > 1 else losses.mean()
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    clip_and_step(optimizer, params, grad_clip)
+    assert total is not None
+    return total
+
+
 class Trainer:
     """One training run (see ``train``). Kept as an object so tests and benchmarks can step it."""
 
@@ -761,24 +789,12 @@ class Trainer:
         return loss
 
     def _step(self, x0: torch.Tensor, buffers: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Forward, backward and update on one batch; the mean loss stays on the device."""
-        cfg, B = self.config, self.config.batch_size
-        self.optimizer.zero_grad(set_to_none=True)
-        autocast = self.use_bf16 and not self.fast  # FastDenoiser runs its own autocast
-        mb = cfg.micro_batch or B
-        chunks = list(range(0, B, mb))
-        total = torch.zeros((), device=self.device)
-        for k, lo in enumerate(chunks):
-            sl = slice(lo, lo + mb)
-            sync = k == len(chunks) - 1 or not hasattr(self.net, "no_sync")
-            ctx_sync = self.net.no_sync() if not sync else contextlib.nullcontext()
-            with ctx_sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-                losses = self.diffusion.training_losses(self.net, x0[sl], buffers[sl], t[sl], noise[sl],
-                                                        p2_gamma=cfg.p2_gamma, p2_k=cfg.p2_k, p2=cfg.p2)
-                loss = losses.mean() * (mb / B) if len(chunks) > 1 else losses.mean()
-            loss.backward()
-            total = total + loss.detach()
-        clip_and_step(self.optimizer, self.trainable, cfg.grad_clip or 0.0)
+        """``update_step`` with this run's settings, then the EMA; the mean loss stays on the device."""
+        cfg = self.config
+        total = update_step(self.net, self.diffusion, self.optimizer, self.trainable, x0, buffers, t, noise,
+                            grad_clip=cfg.grad_clip or 0.0, micro_batch=cfg.micro_batch,
+                            autocast=self.use_bf16 and not self.fast,  # FastDenoiser runs its own autocast
+                            p2_gamma=cfg.p2_gamma, p2_k=cfg.p2_k, p2=cfg.p2)
         if self.ema is not None:
             with torch.no_grad():
                 ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]
