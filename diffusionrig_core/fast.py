@@ -91,10 +91,6 @@ class FastDenoiser(nn.Module):
 
         self.model = model
         self.dtype = dtype
-        # Training casts the weights with ``cast_all``. All in one op hands every gradient back at
-        # the very end of the backward: under DDP that leaves its all-reduce nothing to overlap with
-        # (2 x H200, batch 32: scaling 1 -> 2 GPUs 71 %), so DDP casts one UNet block at a time.
-        self.cast_at_once = cast_at_once
         if fused is None:  # the Triton kernels: CUDA only, and torch.compile fuses by itself
             fused = not compile and _device_type(model) == "cuda" and triton_available()
         self.fused = fused
@@ -113,6 +109,9 @@ class FastDenoiser(nn.Module):
         # float32: the fused blocks add them in float32; time_embed's dtype is the UNet's own).
         self._cast_names = [f"{prefix}.weight" for prefix, m in model.denoisingUNet.named_modules()
                             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not prefix.startswith("time_embed")]
+        # Training casts the weights with ``cast_all``. All in one op hands every gradient back at
+        # the very end of the backward: under DDP that leaves its all-reduce nothing to overlap with
+        # (2 x H200, batch 32: scaling 1 -> 2 GPUs 71 %), so DDP casts one UNet block at a time.
         self._cast_groups = [self._cast_names] if cast_at_once else _by_block(self._cast_names)
         self.unet: Any = model.denoisingUNet
         if compile:
