@@ -119,9 +119,9 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
         graph = next(model.parameters()).is_cuda and not net.cudagraphs  # (not inside torch.compile's own)
         opt = torch.optim.Adam(params, lr=lr, fused=True, capturable=graph)
 
-        def step(x0, buffers, t, noise):  # the Trainer's step
+        def step(x0, buffers, t, noise):
             return update_step(net, diffusion, opt, params, x0, buffers, t, noise, grad_clip=clip)
-        # the same step as train.Trainer: replayed from one CUDA graph after 3 eager warm-up steps
+        # the Trainer's step, replayed (as there) from one CUDA graph after 3 eager warm-up steps
         return CapturedStep(step) if graph else step
 
     # Official: fp16 autocast around forward + loss, GradScaler, unscale, clip, step.

@@ -598,6 +598,7 @@ class Trainer:
                  model_path: PathLike | None = None):
         self.config, self.out_dir = config, Path(out_dir)
         self.base, self.progress, self.callback = base, progress, callback
+        self._writer: _Background | None = None  # the checkpoint being written in the background
         self.ctx = _init_distributed(config.device)
         try:
             self._setup(dataset_path, model_path, resume)
@@ -871,7 +872,7 @@ class Trainer:
 
     def wait_for_checkpoint(self) -> None:
         """Wait until a checkpoint being written in the background is on disk (re-raising its error)."""
-        writer, self._writer = getattr(self, "_writer", None), None
+        writer, self._writer = self._writer, None
         if writer is not None:
             writer.join()
 
