@@ -172,10 +172,8 @@ if triton is not None:
         tl.store(out2_ptr + out, tl.sum(acc2, axis=1), mask=cmask)
 
     @triton.jit
-    def _group_sums(p1_ptr, p2_ptr, C, n_chunks, cpg, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
-        # Program (b, group): its channels and their two partial sums reduced over the chunks.
-        b = tl.program_id(0)
-        g = tl.program_id(1)
+    def _group_sums(p1_ptr, p2_ptr, b, g, C, n_chunks, cpg, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
+        # Sample b, group g: its channels and their two partial sums reduced over the chunks.
         j = tl.arange(0, BLOCK_CPG)
         cm = j < cpg
         ch = g * cpg + j
@@ -187,14 +185,16 @@ if triton is not None:
             idx = (b * n_chunks + k)[:, None] * C + ch[None, :]
             s1 += tl.sum(tl.load(p1_ptr + idx, mask=m, other=0.0), axis=0)
             s2 += tl.sum(tl.load(p2_ptr + idx, mask=m, other=0.0), axis=0)
-        return b, g, ch, cm, s1, s2
+        return ch, cm, s1, s2
 
     @triton.jit
     def _coef_kernel(p1_ptr, p2_ptr, A_ptr, C_ptr, beta_ptr, a_ptr, c_ptr, mean_ptr, rstd_ptr, raw_ptr, C, sA, n_chunks,
                      cpg, hw, eps, HAS_BETA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
         # Program (b, group): the group's mean and 1/std, then a = A / std, c = C - mean a per channel.
         # With an input bias beta the statistics are those of x + beta, from the sums of x.
-        b, g, ch, cm, s1, s2 = _group_sums(p1_ptr, p2_ptr, C, n_chunks, cpg, BLOCK_K, BLOCK_CPG)
+        b = tl.program_id(0)
+        g = tl.program_id(1)
+        ch, cm, s1, s2 = _group_sums(p1_ptr, p2_ptr, b, g, C, n_chunks, cpg, BLOCK_K, BLOCK_CPG)
         beta = tl.zeros((BLOCK_CPG,), tl.float32)
         if HAS_BETA:
             beta = tl.load(beta_ptr + ch, mask=cm, other=0.0)
@@ -212,22 +212,49 @@ if triton is not None:
         tl.store(rstd_ptr + b * tl.num_programs(1) + g, rstd)
 
     @triton.jit
-    def _bwd_coef_kernel(p1_ptr, p2_ptr, A_ptr, beta_ptr, mean_ptr, rstd_ptr, dA_ptr, dC_ptr, u_ptr, v_ptr, C, sA,
-                         n_chunks, cpg, n, HAS_BETA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
-        # Program (b, group): dA, dC per channel and the u, v of dx = a dz + u x + v (_backward_torch).
-        b, g, ch, cm, sdz, sdzx = _group_sums(p1_ptr, p2_ptr, C, n_chunks, cpg, BLOCK_K, BLOCK_CPG)
-        rstd = tl.load(rstd_ptr + b * tl.num_programs(1) + g)
-        mean_c = tl.load(mean_ptr + b * tl.num_programs(1) + g) + tl.zeros((BLOCK_CPG,), tl.float32)
+    def _bwd_coef_kernel(p1_ptr, p2_ptr, A_ptr, beta_ptr, raw_ptr, a_ptr, mean_ptr, rstd_ptr, dA_ptr, dC_ptr, u_ptr,
+                         v_ptr, dbeta_ptr, B, C, sA, n_chunks, cpg, hw, HAS_BETA: tl.constexpr,
+                         PER_CHANNEL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CPG: tl.constexpr):
+        # Program (group), looping over the batch: the u, v of dx = a dz + u x + v per (b, channel)
+        # (_backward_torch), dA and dC per (b, channel) or, for per-channel A and C, summed over the
+        # batch here, and the input bias's gradient (the sum of dx over pixels and batch). Summing
+        # in the program saves the ~6 small kernels a call those sums took (~450 a training step).
+        g = tl.program_id(0)
+        G = tl.num_programs(0)
+        n = hw * cpg
+        acc_a = tl.zeros((BLOCK_CPG,), tl.float32)
+        acc_c = tl.zeros((BLOCK_CPG,), tl.float32)
+        acc_beta = tl.zeros((BLOCK_CPG,), tl.float32)
+        for b in range(0, B):
+            ch, cm, sdz, sdzx = _group_sums(p1_ptr, p2_ptr, b, g, C, n_chunks, cpg, BLOCK_K, BLOCK_CPG)
+            rstd = tl.load(rstd_ptr + b * G + g)
+            mean_c = tl.load(mean_ptr + b * G + g) + tl.zeros((BLOCK_CPG,), tl.float32)
+            if HAS_BETA:
+                mean_c = mean_c - tl.load(beta_ptr + ch, mask=cm, other=0.0)
+            A = tl.load(A_ptr + b * sA + ch, mask=cm, other=0.0)
+            dA = rstd * (sdzx - mean_c * sdz)
+            g1 = tl.sum(A * sdz, axis=0)
+            g2 = tl.sum(A * dA, axis=0)
+            u = -(rstd * rstd) * g2 / n + 0.0 * A
+            v = mean_c * (rstd * rstd * g2 / n) - rstd * g1 / n
+            tl.store(u_ptr + b * C + ch, u, mask=cm)
+            tl.store(v_ptr + b * C + ch, v, mask=cm)
+            if PER_CHANNEL:
+                acc_a += dA
+                acc_c += sdz
+            else:
+                tl.store(dA_ptr + b * C + ch, dA, mask=cm)
+                tl.store(dC_ptr + b * C + ch, sdz, mask=cm)
+            if HAS_BETA:
+                a = tl.load(a_ptr + b * C + ch, mask=cm, other=0.0)
+                acc_beta += a * sdz + u * tl.load(raw_ptr + b * C + ch, mask=cm, other=0.0) + hw * v
+        ch = g * cpg + tl.arange(0, BLOCK_CPG)
+        cm = tl.arange(0, BLOCK_CPG) < cpg
+        if PER_CHANNEL:
+            tl.store(dA_ptr + ch, acc_a, mask=cm)
+            tl.store(dC_ptr + ch, acc_c, mask=cm)
         if HAS_BETA:
-            mean_c = mean_c - tl.load(beta_ptr + ch, mask=cm, other=0.0)
-        A = tl.load(A_ptr + b * sA + ch, mask=cm, other=0.0)
-        dA = rstd * (sdzx - mean_c * sdz)
-        g1 = tl.sum(A * sdz, axis=0)
-        g2 = tl.sum(A * dA, axis=0)
-        tl.store(dA_ptr + b * C + ch, dA, mask=cm)
-        tl.store(dC_ptr + b * C + ch, sdz, mask=cm)
-        tl.store(u_ptr + b * C + ch, -(rstd * rstd) * g2 / n + 0.0 * A, mask=cm)
-        tl.store(v_ptr + b * C + ch, mean_c * (rstd * rstd * g2 / n) - rstd * g1 / n, mask=cm)
+            tl.store(dbeta_ptr + ch, acc_beta, mask=cm)
 
     @triton.jit
     def _apply_kernel(x_ptr, dy_ptr, a_ptr, c_ptr, u_ptr, v_ptr, mask_ptr, e_ptr, y_ptr, n, C, HW, scale,
@@ -378,15 +405,19 @@ def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=Non
     return y
 
 
-def _backward_triton(x, dy, A, a, c, mean, rstd, beta, groups: int, mask=None, scale: float = 1.0, extra=None):
+def _backward_triton(x, dy, A, a, c, mean, rstd, beta, raw, groups: int, per_channel: bool, mask=None,
+                     scale: float = 1.0, extra=None):
     B, ch = x.shape[:2]
     cpg = ch // groups
     p1, p2 = _partial_sums(x, dy, a, c, mask, scale)
-    dA, dC, u, v = (_small(x, B, ch) for _ in range(4))
-    _bwd_coef_kernel[(B, groups)](p1, p2, A, dA if beta is None else beta, mean, rstd, dA, dC, u, v, ch, A.stride(0),
-                                  p1.shape[1], cpg, float(cpg * x[0, 0].numel()), HAS_BETA=beta is not None,
-                                  **_group_blocks(p1, cpg), num_warps=1)
-    return _apply_triton(x, a, c, mask, scale, dy, u, v, extra), dA, dC, u, v
+    u, v = _small(x, B, ch), _small(x, B, ch)
+    dA, dC = (_small(x, ch) if per_channel else _small(x, B, ch) for _ in range(2))
+    dbeta = _small(x, ch) if beta is not None else None
+    _bwd_coef_kernel[(groups,)](p1, p2, A, u if beta is None else beta, u if raw is None else raw, a, mean, rstd,
+                                dA, dC, u, v, u if dbeta is None else dbeta, B, ch, A.stride(0), p1.shape[1], cpg,
+                                float(x[0, 0].numel()), HAS_BETA=beta is not None, PER_CHANNEL=per_channel,
+                                **_group_blocks(p1, cpg), num_warps=1)
+    return _apply_triton(x, a, c, mask, scale, dy, u, v, extra), dA, dC, dbeta
 
 
 def _bias_add_triton(h, bias, residual=None):
@@ -458,10 +489,19 @@ def _apply(x, a, c, use_triton, mask=None, scale=1.0):
     return _apply_triton(x, a, c, mask, scale) if use_triton else _apply_torch(x, a, c, mask, scale)
 
 
-def _backward(x, dy, A, a, c, mean, rstd, beta, groups, use_triton, mask=None, scale=1.0, extra=None):
-    fn = _backward_triton if use_triton else _backward_torch
+def _backward(x, dy, A, a, c, mean, rstd, beta, raw, groups, use_triton, per_channel, mask=None, scale=1.0,
+              extra=None):
+    """dx, dA, dC and the input bias's dbeta (None without one); dA, dC summed over the batch for
+    ``per_channel`` A and C."""
     extra = None if extra is None else _like(extra.to(x.dtype), x)
-    return fn(x, _like(dy, x), A, a, c, mean, rstd, beta, groups, mask, scale, extra)
+    dy = _like(dy, x)
+    if use_triton:
+        return _backward_triton(x, dy, A, a, c, mean, rstd, beta, raw, groups, per_channel, mask, scale, extra)
+    dx, dA, dC, u, v = _backward_torch(x, dy, A, a, c, mean, rstd, beta, groups, mask, scale, extra)
+    dbeta = None
+    if beta is not None:  # sum over pixels and batch of dx = a dz + u x + v
+        dbeta = (a * dC + u * raw + x[0, 0].numel() * v).sum(0)
+    return (dx, dA.sum(0), dC.sum(0), dbeta) if per_channel else (dx, dA, dC, dbeta)
 
 
 class _NormAffineSiLU(torch.autograd.Function):
@@ -469,6 +509,8 @@ class _NormAffineSiLU(torch.autograd.Function):
     def forward(ctx, x, A, C, groups: int, eps: float, passthrough: bool):
         ctx.set_materialize_grads(False)
         use_triton = _use_triton(x)
+        ctx.per_channel = A.ndim == 1
+        A, C = _rows(A, C, x.shape[0])
         a, c, mean, rstd, _ = _coefficients(x, A, C, None, groups, eps, use_triton)
         ctx.save_for_backward(x, A, a, c, mean, rstd)
         ctx.groups, ctx.use_triton = groups, use_triton
@@ -478,8 +520,8 @@ class _NormAffineSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, d_passthrough=None):
         x, A, a, c, mean, rstd = ctx.saved_tensors
-        dx, dA, dC, _, _ = _backward(x, dy, A, a, c, mean, rstd, None, ctx.groups, ctx.use_triton,
-                                     extra=d_passthrough)
+        dx, dA, dC, _ = _backward(x, dy, A, a, c, mean, rstd, None, None, ctx.groups, ctx.use_triton, ctx.per_channel,
+                                  extra=d_passthrough)
         return dx, dA, dC, None, None, None
 
 
@@ -500,6 +542,8 @@ class _NormAffineSiLUConv(torch.autograd.Function):
                 passthrough: bool):
         ctx.set_materialize_grads(False)
         use_triton = _use_triton(x)
+        ctx.per_channel = A.ndim == 1
+        A, C = _rows(A, C, x.shape[0])
         a, c, mean, rstd, raw = _coefficients(x, A, C, beta, groups, eps, use_triton)
         mask = dropout_mask(x, p) if p > 0 else None
         y = _apply(x, a, c, use_triton, mask, 1.0 / (1.0 - p) if p > 0 else 1.0)
@@ -524,11 +568,8 @@ class _NormAffineSiLUConv(torch.autograd.Function):
             dout, y, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, False])
         del y
         db = _channel_totals(dout).to(ctx.weight_dtype) if ctx.has_bias else None
-        dx, dA, dC, u, v = _backward(x, dy, A, a, c, mean, rstd, beta, ctx.groups, ctx.use_triton, mask, scale,
-                                     d_passthrough)
-        dbeta = None
-        if beta is not None:  # sum over pixels and batch of dx = a dz + u x + v
-            dbeta = (a * dC + u * raw + x[0, 0].numel() * v).sum(0).to(beta.dtype)
+        dx, dA, dC, dbeta = _backward(x, dy, A, a, c, mean, rstd, beta, raw, ctx.groups, ctx.use_triton,
+                                      ctx.per_channel, mask, scale, d_passthrough)
         return dx, dA, dC, dbeta, None, None, dw.to(ctx.weight_dtype), db, None, None, None
 
 
@@ -632,13 +673,19 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 def _prepare(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor):
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels are not divisible into {groups} groups")
-    batch = x.shape[0]
-    # The kernels read A and C through one row stride: per-channel vectors are expanded (stride 0),
-    # and the columns of one shared (B, total) table (unet.FiLMTable) are read in place.
-    A, C = A.float().expand(batch, -1), C.float().expand(batch, -1)
+    A, C = A.float(), C.float()
+    if not (A.ndim == C.ndim == 1):  # per-channel (C,) pairs stay so: the backward sums their gradients itself
+        A, C = _rows(A, C, x.shape[0])
+    return _contiguous(x), A, C
+
+
+def _rows(A: torch.Tensor, C: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and C as (batch, channels) rows of one stride, the layout the kernels read: per-channel
+    vectors expanded (stride 0), the columns of one shared (B, total) table (unet.FiLMTable) in place."""
+    A, C = A.expand(batch, -1), C.expand(batch, -1)
     if A.stride() != C.stride() or A.stride(1) != 1:
         A, C = A.contiguous(), C.contiguous()
-    return _contiguous(x), A, C
+    return A, C
 
 
 def norm_affine_silu(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, eps: float = 1e-5,

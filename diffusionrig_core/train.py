@@ -309,15 +309,50 @@ def _write_file_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _to_cpu(obj: Any) -> Any:
-    """A copy of nested dicts/lists of tensors with every tensor copied to the CPU."""
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Nested dicts/lists/tuples with ``fn`` applied to every tensor."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_map_tensors(v, fn) for v in obj)
     return obj
+
+
+class _Snapshot:
+    """A checkpoint's contents copied at its step, on the device they live on (milliseconds on a
+    GPU, where copying them to the CPU held the loop ~2 s a time), and written later."""
+
+    def __init__(self, step: int, final: Path, meta: dict[str, Any], files: dict[str, Any], state: dict[str, Any]):
+        from concurrent.futures import Future
+
+        self.step, self.final, self.meta, self.files, self.state = step, final, meta, files, state
+        # model.safetensors again, for a final model of the same step (None when keep_bytes is off)
+        self.keep_bytes = False
+        self.model_bytes: Future = Future()
+        devices = {t.device for t in _tensors(files) + _tensors(state) if t.is_cuda}
+        self.ready = {d: torch.cuda.Event() for d in devices}
+        for d, event in self.ready.items():
+            event.record(torch.cuda.current_stream(d))
+
+    @contextlib.contextmanager
+    def off_the_training_stream(self) -> Iterator[None]:
+        """Copies to the CPU on a stream of their own, after the snapshot: the training stream goes on."""
+        with contextlib.ExitStack() as stack:
+            for d, event in self.ready.items():
+                stream = torch.cuda.Stream(d)
+                stream.wait_event(event)
+                stack.enter_context(torch.cuda.stream(stream))
+            yield
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    if hasattr(obj, "tensors"):  # a checkpoint.ModelFile
+        obj = obj.tensors
+    _map_tensors(obj, lambda t: found.append(t) or t)
+    return found
 
 
 class _Background:
@@ -599,6 +634,7 @@ class Trainer:
         self.config, self.out_dir = config, Path(out_dir)
         self.base, self.progress, self.callback = base, progress, callback
         self._writer: _Background | None = None  # the checkpoint being written in the background
+        self._snapshot: _Snapshot | None = None  # the last checkpoint taken
         self.ctx = _init_distributed(config.device)
         try:
             self._setup(dataset_path, model_path, resume)
@@ -832,10 +868,10 @@ class Trainer:
 
     def save_checkpoint(self, wait: bool = True) -> Path | None:
         """Write the checkpoint of the current step (all ranks call this; rank 0 writes). The state
-        is copied here; with ``wait=False`` a background thread writes the files while training
-        goes on (a 256 checkpoint took 5 s a time on an H100 machine) and the next checkpoint,
-        ``wait_for_checkpoint`` or ``close`` waits for it."""
-        from .checkpoint import model_file_bytes
+        is copied here, on its device; with ``wait=False`` a background thread copies it to the CPU
+        and writes the files while training goes on (a 256 checkpoint took 5 s a time on an H100
+        machine), and the next checkpoint, ``wait_for_checkpoint`` or ``close`` waits for it."""
+        from .checkpoint import ModelFile
 
         rng = _rng_state(self.device)
         if self.ctx.world > 1:
@@ -849,24 +885,28 @@ class Trainer:
         if self.ctx.main:
             self.wait_for_checkpoint()
             meta = self._metadata()
-            files = {"model.safetensors": model_file_bytes(self.model, meta)}
+            files = {"model.safetensors": ModelFile(self.model, meta, copy=not wait)}
             if self.ema is not None:
                 self._sync_ema_buffers()
-                files["ema.safetensors"] = model_file_bytes(self.ema, {**meta, "ema_rate": str(self.config.ema_rate)})
+                files["ema.safetensors"] = ModelFile(self.ema, {**meta, "ema_rate": str(self.config.ema_rate)},
+                                                     copy=not wait)
             sampler = getattr(self, "sampler", None)
             epoch, offset = sampler.position(self.step) if sampler is not None else (0, self.step)
+            optimizer = _map_tensors(self.optimizer.state_dict(), lambda t: t.detach().clone() if not wait else t)
             state = {
                 "format": STATE_FORMAT, "version": STATE_VERSION, "step": self.step,
                 "epoch": epoch, "batch_in_epoch": offset, "world_size": self.ctx.world,
                 "global_batch": self.global_batch, "config": self.config.to_dict(),
-                "optimizer": _to_cpu(self.optimizer.state_dict()), "rng": rngs, "losses": list(self.losses),
+                "optimizer": optimizer, "rng": rngs, "losses": list(self.losses),
                 "run": self._identity(),
             }
             final = self.out_dir / "checkpoints" / _checkpoint_dirname(self.step)
+            self._snapshot = _Snapshot(self.step, final, meta, files, state)
+            self._snapshot.keep_bytes = self.step >= self.config.max_steps  # run() writes the final model next
             if wait:
-                self._write_checkpoint(final, files, state)
+                self._write_checkpoint(self._snapshot)
             else:
-                self._writer = _Background(self._write_checkpoint, final, files, state)
+                self._writer = _Background(self._write_checkpoint, self._snapshot)
         _barrier(self.ctx)
         return final
 
@@ -876,12 +916,24 @@ class Trainer:
         if writer is not None:
             writer.join()
 
-    def _write_checkpoint(self, final: Path, files: dict[str, bytes], state: dict[str, Any]) -> None:
+    def _write_checkpoint(self, snap: _Snapshot) -> None:
         """Files into a temporary folder, fsynced, hashed into the manifest, renamed; latest.json last."""
+        try:
+            with snap.off_the_training_stream():
+                files = {}
+                for name, content in snap.files.items():
+                    files[name] = content.to_bytes()
+                    if name == "model.safetensors":
+                        snap.model_bytes.set_result(files[name] if snap.keep_bytes else None)
+                state = _map_tensors(snap.state, lambda t: t.to("cpu"))
+        except BaseException as exc:
+            snap.model_bytes.set_exception(exc)
+            raise
+        snap.files = snap.state = None  # the device copies go as soon as they are on the CPU
         buf = io.BytesIO()
         torch.save(state, buf)
-        files = {**files, "state.pt": buf.getvalue()}
-        root = final.parent
+        files["state.pt"] = buf.getvalue()
+        final, root = snap.final, snap.final.parent
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -913,7 +965,12 @@ class Trainer:
 
         if self.ctx.main:
             meta = self._metadata()
-            save_model(self.model, self.model_path, metadata=meta)
+            snap = self._snapshot
+            data = snap.model_bytes.result() if snap is not None and snap.step == self.step and snap.meta == meta else None
+            if data is not None:  # the checkpoint of this step holds the same file: serialised once, written twice
+                atomic_write_bytes(self.model_path, data)
+            else:
+                save_model(self.model, self.model_path, metadata=meta)
             if self.ema is not None:
                 self._sync_ema_buffers()
                 ema_path = self.model_path.with_name(self.model_path.stem + "_ema" + self.model_path.suffix)

@@ -221,6 +221,21 @@ def test_a_checkpoint_written_in_the_background_holds_the_step_it_was_taken_at(t
     assert T.load_training_state(ck)["step"] == 1 and find_checkpoint(tmp_path / "run") == ck
 
 
+def test_the_final_model_is_its_last_checkpoints_model_file_serialised_once(tmp_path, data, base, monkeypatch):
+    from diffusionrig_core import checkpoint
+
+    calls = []
+    real = checkpoint.ModelFile.to_bytes
+    monkeypatch.setattr(checkpoint.ModelFile, "to_bytes", lambda self: calls.append(1) or real(self))
+    run = tmp_path / "run"
+    path = train(TrainConfig.tiny(2, max_steps=2, save_interval=0), data["six"], run, base=base, progress=False)
+    last = find_checkpoint(run)
+    assert T.load_training_state(last)["step"] == 2 and len(calls) == 1
+    assert path.read_bytes() == (last / "model.safetensors").read_bytes()
+    model = checkpoint.load_model(path).state_dict()
+    assert _same(load_file(str(path)), model, keys=list(model))
+
+
 def test_training_state_loads_with_weights_only(tmp_path, data, base):
     train(TrainConfig.tiny(2, max_steps=1), data["six"], tmp_path / "r", base=base, progress=False)
     state = torch.load(find_checkpoint(tmp_path / "r") / "state.pt", weights_only=True)
