@@ -107,7 +107,7 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
     """One optimisation step ``step(x0, buffers, t, noise)`` -> None (loss kept on device)."""
     from .diffusion import Diffusion
     from .fast import FastDenoiser, recompute_for_batch, set_sdpa
-    from .train import update_step
+    from .train import adam, update_step
 
     diffusion = Diffusion.create()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -117,7 +117,7 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
 
         net = FastDenoiser(model, compile=compile_mode or False, recompute=recompute_for_batch(batch))
         graph = next(model.parameters()).is_cuda and not net.cudagraphs  # (not inside torch.compile's own)
-        opt = torch.optim.Adam(params, lr=lr, fused=True, capturable=graph)
+        opt = adam(params, lr=lr, capturable=graph, net=net)
 
         def step(x0, buffers, t, noise):
             return update_step(net, diffusion, opt, params, x0, buffers, t, noise, grad_clip=clip)

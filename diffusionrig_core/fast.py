@@ -113,6 +113,7 @@ class FastDenoiser(nn.Module):
         # the very end of the backward: under DDP that leaves its all-reduce nothing to overlap with
         # (2 x H200, batch 32: scaling 1 -> 2 GPUs 71 %), so DDP casts one UNet block at a time.
         self._cast_groups = [self._cast_names] if cast_at_once else _by_block(self._cast_names)
+        self.flat_weights: Any = None  # an optim.FlatAdam that keeps the cast weights itself
         self.unet: Any = model.denoisingUNet
         if compile:
             mode = None if compile is True else compile
@@ -121,6 +122,11 @@ class FastDenoiser(nn.Module):
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def cast_names(self) -> list[str]:
+        """The UNet parameters the forward reads in the compute dtype (convolution and linear weights)."""
+        return list(self._cast_names)
 
     def _autocast(self, device_type: str):
         enabled = self.dtype != torch.float32
@@ -178,7 +184,10 @@ class FastDenoiser(nn.Module):
     def _weights_for_training(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.denoisingUNet.named_parameters())
         weights: dict[str, torch.Tensor] = {}
+        if self.flat_weights is not None:  # already cast, by the optimizer's last step
+            weights.update(zip(self.flat_weights.names, self.flat_weights.weights()))
         for names in self._cast_groups:
+            names = [name for name in names if name not in weights]
             weights.update(zip(names, cast_all(self.dtype, [params[name] for name in names])))
         return weights
 

@@ -66,6 +66,8 @@ SCRIPT = textwrap.dedent('''
     T._concat_check("cpu", whole_gradients=True)
     T._resample_check("cpu")
     T._dropout_mask_check("cpu")  # (through the Triton copy kernel: _use_triton is patched above)
+    import test_optim  # optim.FlatAdam's kernels (the Adam of the captured training step)
+    worst = max([worst] + [test_optim.flat_adam_against_torch_adam("cpu", mn) for mn in (1e-3, 0.0)])
     print("WORST", worst)
 ''')
 
