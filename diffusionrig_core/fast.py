@@ -188,7 +188,8 @@ class FastDenoiser(nn.Module):
             weights.update(zip(self.flat_weights.names, self.flat_weights.weights()))
         for names in self._cast_groups:
             names = [name for name in names if name not in weights]
-            weights.update(zip(names, cast_all(self.dtype, [params[name] for name in names])))
+            if names:
+                weights.update(zip(names, cast_all(self.dtype, [params[name] for name in names])))
         return weights
 
     def graphed(self, buffers: torch.Tensor, latent: torch.Tensor, x_example: torch.Tensor) -> "GraphedDenoiser":

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -178,18 +177,6 @@ def _init_distributed(device_hint: str | None) -> _Dist:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return _Dist(rank, world, local_rank, created=True)
-
-
-def _import_in_background(module: str) -> None:
-    """Start importing ``module`` on a thread of its own while setup goes on."""
-    if module in sys.modules:
-        return
-
-    def run() -> None:
-        with contextlib.suppress(Exception):  # whoever needs it imports it again and sees the error
-            importlib.import_module(module)
-
-    threading.Thread(target=run, name=f"import-{module}", daemon=True).start()
 
 
 def _pick_device(config: TrainConfig, ctx: _Dist) -> torch.device:
@@ -658,10 +645,6 @@ class Trainer:
         self.base, self.progress, self.callback = base, progress, callback
         self._writer: _Background | None = None  # the checkpoint being written in the background
         self._snapshot: _Snapshot | None = None  # the last checkpoint taken
-        if config.fast and torch.cuda.is_available():
-            # torch.optim's optimizers import torch._dynamo when the first one is made: 1-3 s, half of
-            # a Stage 2 run's setup; it overlaps with loading the model and the album this way.
-            _import_in_background("torch._dynamo")
         self.ctx = _init_distributed(config.device)
         try:
             self._setup(dataset_path, model_path, resume)
@@ -947,38 +930,54 @@ class Trainer:
             writer.join()
 
     def _write_checkpoint(self, snap: _Snapshot) -> None:
-        """Files into a temporary folder, fsynced, hashed into the manifest, renamed; latest.json last."""
-        try:
-            with snap.off_the_training_stream():
-                files = {}
-                for name, content in snap.files.items():
-                    files[name] = content.to_bytes()
-                    if name == "model.safetensors":
-                        snap.model_bytes.set_result(files[name] if snap.keep_bytes else None)
-                state = _map_tensors(snap.state, lambda t: t.to("cpu"))
-        except BaseException as exc:
-            snap.model_bytes.set_exception(exc)
-            raise
-        snap.files = snap.state = None  # the device copies go as soon as they are on the CPU
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        files["state.pt"] = buf.getvalue()
+        """Files into a temporary folder, fsynced, hashed into the manifest, renamed; latest.json last.
+        The model file and the training state are serialised and written on two threads (GIL-free
+        copies, writes and hashing): one after the other they took 6.4 s for the 256 model."""
+        from concurrent.futures import ThreadPoolExecutor
+
         final, root = snap.final, snap.final.parent
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        manifest: dict[str, Any] = {"step": state["step"], "files": {}}
-        for name in sorted(files):
-            _write_file_synced(tmp / name, files[name])
-            manifest["files"][name] = {"size": len(files[name]), "sha256": hashlib.sha256(files[name]).hexdigest()}
+
+        def write(name: str, data: bytes) -> tuple[str, dict[str, Any]]:
+            _write_file_synced(tmp / name, data)
+            return name, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+        def model_files() -> list[tuple[str, dict[str, Any]]]:
+            done = []
+            with snap.off_the_training_stream():
+                for name, content in snap.files.items():
+                    data = content.to_bytes()
+                    if name == "model.safetensors":
+                        snap.model_bytes.set_result(data if snap.keep_bytes else None)
+                    done.append(write(name, data))
+            return done
+
+        def state_file() -> list[tuple[str, dict[str, Any]]]:
+            with snap.off_the_training_stream():
+                state = _map_tensors(snap.state, lambda t: t.to("cpu"))
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            return [write("state.pt", buf.getvalue())]
+
+        try:
+            with ThreadPoolExecutor(2, thread_name_prefix="diffusionrig-checkpoint") as pool:
+                jobs = [pool.submit(model_files), pool.submit(state_file)]
+                written = [entry for job in jobs for entry in job.result()]
+        finally:
+            if not snap.model_bytes.done():
+                snap.model_bytes.set_result(None)
+            snap.files = snap.state = None  # the device copies go
+        manifest = {"step": snap.step, "files": dict(sorted(written))}
         _write_file_synced(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
         fsync_dir(tmp)
         if final.exists():  # a stale copy of this step (a run resumed from an older checkpoint)
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(root)
-        atomic_write_json(self.out_dir / "latest.json", {"step": state["step"], "dir": f"checkpoints/{final.name}"})
+        atomic_write_json(self.out_dir / "latest.json", {"step": snap.step, "dir": f"checkpoints/{final.name}"})
         self._prune(root, keep=final)
 
     def _prune(self, root: Path, keep: Path) -> None:
