@@ -102,7 +102,7 @@ class FlatAdam:
     are read by the forward as this optimizer's bf16 copies from now on (``net.flat_weights``)."""
 
     def __init__(self, net: Any, params: list[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+                 eps: float = 1e-8, weight_decay: float = 0.0, distributed: bool = False):
         if triton is None or not params:
             raise ValueError("FlatAdam needs Triton (CUDA builds of PyTorch ship it) and parameters")
         if not all(_dense(p) and p.dtype == torch.float32 for p in params):
@@ -123,6 +123,19 @@ class FlatAdam:
             for p, g in zip(rest, self.full.grads):
                 p.grad = g  # autograd adds into these in place; zero_grad zeroes them
         self.scalars = torch.zeros(2, device=self.params[0].device)  # [step, gradient factor]
+        # Several processes (torchrun): the gradients are summed over them here, in the captured step,
+        # instead of by DistributedDataParallel (whose captured step hung), and every process starts
+        # from rank 0's weights, as DDP would make it.
+        self.world = 1
+        if distributed:
+            import torch.distributed as dist
+
+            self.world = dist.get_world_size()
+            for g in (self.low, self.full):
+                if g is not None:
+                    dist.broadcast(g.p, 0)
+                    if g.copy is not None:
+                        g.copy.copy_(g.p)
         net.flat_weights = self
 
     # ---- the step --------------------------------------------------------------------------------
@@ -141,12 +154,17 @@ class FlatAdam:
         step = self.scalars[0:1]
         step.add_(1.0)
         factor = self.scalars[1:2]
+        if self.world > 1:  # summed over the processes; the factor below makes it their mean
+            import torch.distributed as dist
+
+            for g in groups:
+                dist.all_reduce(g.g)
         if max_norm > 0:
             partials = [self._sum_of_squares(g.g) for g in groups]
-            norm = torch.cat(partials).sum().sqrt()
-            factor.copy_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+            norm = torch.cat(partials).sum().sqrt() / self.world
+            factor.copy_(torch.clamp(max_norm / (norm + 1e-6), max=1.0) / self.world)
         else:
-            factor.fill_(1.0)
+            factor.fill_(1.0 / self.world)
         lr, (beta1, beta2) = self.defaults["lr"], self.defaults["betas"]
         for g in groups:
             n = g.p.numel()

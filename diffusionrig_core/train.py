@@ -563,17 +563,19 @@ def _set_dropout(model: nn.Module, p: float) -> None:
 
 
 def adam(params: list[nn.Parameter], *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-         weight_decay: float = 0.0, capturable: bool = False, net: nn.Module | None = None) -> Any:
+         weight_decay: float = 0.0, capturable: bool = False, net: nn.Module | None = None,
+         distributed: bool = False) -> Any:
     """Adam as the official recipe. ``capturable``: nothing read back to the host, so the update can
     be part of a CUDA graph; with the fast path's ``net`` (one GPU, one backward per step) that is
     ``optim.FlatAdam``, which also keeps the bf16 weights the forward reads (H100, batch 4: ~1 ms a
-    step less). Otherwise torch's fused Adam (the same maths in one pass over the parameters; on the
-    CPU about 4x faster than the per-tensor loop)."""
+    step less); ``distributed``: it then also sums the gradients over the processes (in place of
+    DDP). Otherwise torch's fused Adam (the same maths in one pass over the parameters; on the CPU
+    about 4x faster than the per-tensor loop)."""
     kw = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if capturable and net is not None and getattr(net, "cast_names", None) and params[0].is_cuda:
         from .optim import FlatAdam
 
-        return FlatAdam(net, params, **kw)
+        return FlatAdam(net, params, distributed=distributed, **kw)
     if capturable:
         kw["capturable"] = True
     try:
@@ -728,22 +730,26 @@ class Trainer:
         self.diffusion = Diffusion.create(cfg.schedule, cfg.diffusion_steps)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # One CUDA graph per step removes the host's kernel-launch cost (H100, batch 4: 141 -> 80 ms a
-        # step before the fused kernels). Not under DDP: a captured DDP step (all-reduce in the graph,
-        # DDP built on the capture stream, 11 eager warm-up steps, NCCL async error handling off) hung
-        # on 2 x H200. Nor around torch.compile's own CUDA graphs.
+        # step before the fused kernels). Under torchrun too, where optim.FlatAdam sums the gradients
+        # over the processes inside the graph: a captured DDP step (all-reduce in the graph, DDP built
+        # on the capture stream, 11 eager warm-up steps, NCCL async error handling off) hung on
+        # 2 x H200, and DDP launching every kernel from Python scaled 80-95 %. Not around
+        # torch.compile's own CUDA graphs, nor with micro-batches (FlatAdam's bf16 gradients are
+        # overwritten by each backward, not summed).
+        one_backward = cfg.micro_batch in (None, cfg.batch_size)
         self.captured = None
-        if cfg.cuda_graph and self.fast and self.ctx.world == 1 and not self.net.cudagraphs:
+        if cfg.cuda_graph and self.fast and not self.net.cudagraphs and (self.ctx.world == 1 or one_backward):
             from .fast import CapturedStep
 
             self.captured = CapturedStep(self._step)
-        one_backward = cfg.micro_batch in (None, cfg.batch_size)  # FlatAdam's bf16 gradients are not summed
         self.optimizer = adam(self.trainable, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                               capturable=self.captured is not None,
-                              net=self.net if self.captured is not None and one_backward else None)
+                              net=self.net if self.captured is not None and one_backward else None,
+                              distributed=self.ctx.world > 1)
         self.ema = None
         if cfg.ema_rate is not None:
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if self.ctx.world > 1:
+        if self.ctx.world > 1 and not hasattr(self.optimizer, "clip_and_step"):  # (FlatAdam sums the gradients itself)
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # Buffers (BatchNorm running statistics) are not synchronised in the forward (official
