@@ -154,7 +154,7 @@ class FastDenoiser(nn.Module):
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             args = (self._prep(x_t), t, self._prep(buffers), latent)
-            if weights is None and x_t.is_cuda and torch.is_grad_enabled() and self._casts_weights():
+            if weights is None and x_t.is_cuda and torch.is_grad_enabled() and self.casts_weights():
                 weights = self._weights_for_training()
             if weights is not None:
                 eps = torch.func.functional_call(self.model.denoisingUNet, weights, args, strict=False)
@@ -164,7 +164,8 @@ class FastDenoiser(nn.Module):
         # CUDA-graph outputs live in a pool the next replay overwrites.
         return eps.clone() if self.cudagraphs else eps
 
-    def _casts_weights(self) -> bool:
+    def casts_weights(self) -> bool:
+        """Whether the UNet's weights are cast to the compute dtype for its calls (bf16, not compiled)."""
         return self.dtype != torch.float32 and self.unet is self.model.denoisingUNet
 
     def cast_weights(self, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
@@ -172,7 +173,7 @@ class FastDenoiser(nn.Module):
         every call (one cast kernel per weight, ~15 % of a batch-1 call on an H100), cast once for a
         captured graph that replays many calls (inference). ``into``: refresh an earlier result in
         place. None when there is nothing to cast (float32) or the UNet is compiled."""
-        if not self._casts_weights():
+        if not self.casts_weights():
             return None
         params = dict(self.model.denoisingUNet.named_parameters())
         if into is None:

@@ -572,7 +572,7 @@ def adam(params: list[nn.Parameter], *, lr: float, betas: tuple[float, float] = 
     DDP). Otherwise torch's fused Adam (the same maths in one pass over the parameters; on the CPU
     about 4x faster than the per-tensor loop)."""
     kw = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if capturable and net is not None and getattr(net, "cast_names", None) and params[0].is_cuda:
+    if capturable and net is not None and hasattr(net, "casts_weights") and net.casts_weights() and params[0].is_cuda:
         from .optim import FlatAdam
 
         return FlatAdam(net, params, distributed=distributed, **kw)
@@ -736,15 +736,15 @@ class Trainer:
         # 2 x H200, and DDP launching every kernel from Python scaled 80-95 %. Not around
         # torch.compile's own CUDA graphs, nor with micro-batches (FlatAdam's bf16 gradients are
         # overwritten by each backward, not summed).
-        one_backward = cfg.micro_batch in (None, cfg.batch_size)
+        flat = self.fast and cfg.micro_batch in (None, cfg.batch_size) and self.net.casts_weights()
         self.captured = None
-        if cfg.cuda_graph and self.fast and not self.net.cudagraphs and (self.ctx.world == 1 or one_backward):
+        if cfg.cuda_graph and self.fast and not self.net.cudagraphs and (self.ctx.world == 1 or flat):
             from .fast import CapturedStep
 
             self.captured = CapturedStep(self._step)
         self.optimizer = adam(self.trainable, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                               capturable=self.captured is not None,
-                              net=self.net if self.captured is not None and one_backward else None,
+                              net=self.net if self.captured is not None and flat else None,
                               distributed=self.ctx.world > 1)
         self.ema = None
         if cfg.ema_rate is not None:
@@ -1111,6 +1111,12 @@ class Trainer:
             if self.ctx.created:
                 import torch.distributed as dist
 
+                # A captured step holds the communicator's collectives: its graph goes first (2 x H200:
+                # destroying the process group under a live graph hung).
+                self.captured = None
+                device = getattr(self, "device", None)
+                if device is not None and device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 dist.destroy_process_group()
 
 

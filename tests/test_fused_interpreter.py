@@ -68,6 +68,9 @@ SCRIPT = textwrap.dedent('''
     T._dropout_mask_check("cpu")  # (through the Triton copy kernel: _use_triton is patched above)
     import test_optim  # optim.FlatAdam's kernels (the Adam of the captured training step)
     worst = max([worst] + [test_optim.flat_adam_against_torch_adam("cpu", mn) for mn in (1e-3, 0.0)])
+    import tempfile  # two gloo processes summing FlatAdam's gradients against one process (bf16 rounding)
+    spread = max(test_optim.flat_adam_over_processes_against_one(tempfile.mkdtemp(), mn) for mn in (1e-3, 0.0))
+    assert spread < 5e-3, spread
     print("WORST", worst)
 ''')
 

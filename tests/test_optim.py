@@ -83,3 +83,57 @@ def flat_adam_against_torch_adam(device: str, max_norm: float = 1.0, steps: int 
 @pytest.mark.parametrize("max_norm", [1e-3, 0.0])
 def test_flat_adam_updates_like_clip_grad_norm_then_torch_adam_and_shares_its_state_format(max_norm):
     assert flat_adam_against_torch_adam("cuda", max_norm) < 1e-4  # float32 rounding (GPU: 3e-5 with heavy clipping)
+
+
+def _flat_adam_rank(rank: int, world: int, port: int, out: str, max_norm: float) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from diffusionrig_core.optim import FlatAdam
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    net = _Net("cpu")
+    if rank:  # the other rank starts elsewhere: FlatAdam takes rank 0's weights, as DDP would
+        for p in net.model.denoisingUNet.parameters():
+            p.data.add_(1.0)
+    opt = FlatAdam(net, list(net.model.denoisingUNet.parameters()), lr=1e-2, weight_decay=0.5, distributed=True)
+    for step in range(3):
+        opt.zero_grad()
+        net.loss(_batch(step)[rank::world]).backward()
+        opt.clip_and_step(max_norm)
+    torch.save([p.detach().clone() for p in opt.params], f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randn(4, 5, 24, generator=torch.Generator().manual_seed(step))
+
+
+def flat_adam_over_processes_against_one(tmp: str, max_norm: float = 1e-3) -> float:
+    """Two gloo processes with half the batch each against one process with all of it: every
+    process ends with the same weights, within bf16 rounding of the one-process run's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from diffusionrig_core.optim import FlatAdam
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_flat_adam_rank, args=(2, port, tmp, max_norm), nprocs=2, join=True)
+    ranks = [torch.load(f"{tmp}/rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*ranks))
+    net = _Net("cpu")
+    start = [p.detach().clone() for p in net.model.denoisingUNet.parameters()]
+    opt = FlatAdam(net, list(net.model.denoisingUNet.parameters()), lr=1e-2, weight_decay=0.5)  # (decay: the mean matters)
+    for step in range(3):
+        opt.zero_grad()
+        x = _batch(step)
+        net.loss(torch.cat([x[0::2], x[1::2]])).backward()
+        opt.clip_and_step(max_norm)
+    moved = torch.cat([(p.detach() - s).flatten() for p, s in zip(opt.params, start)])
+    return float(torch.cat([(a - p.detach()).flatten() for a, p in zip(ranks[0], opt.params)]).norm() / moved.norm())
