@@ -5,8 +5,11 @@ What follows the official recipe (docs/OFFICIAL_SPEC.md section 6):
 * Adam (betas 0.9/0.999, eps 1e-8, no weight decay), constant learning rate, gradient norm clipped
   at 1.0 after the gradients are averaged, the epsilon loss with P2 weighting (gamma = k = 1),
   uniform timesteps, dropout as the model config says (official 0.1, active in both stages).
-* Stage 1: DistributedDataParallel with ``broadcast_buffers=False``: BatchNorm running statistics
-  of the encoder are *not* synchronised across ranks and the saved model carries rank 0's (quirk 11).
+* Stage 1 on several GPUs (torchrun): gradients averaged over the processes, BatchNorm running
+  statistics of the encoder *not* synchronised across ranks and the saved model carrying rank 0's
+  (quirk 11; official DDP with ``broadcast_buffers=False``). The captured CUDA step sums the flat
+  gradients of ``optim.FlatAdam`` in the graph itself; other setups (CPU/gloo, no graph,
+  micro-batches) use DistributedDataParallel.
 * Stage 2: the base model's weights, only ``denoisingUNet.*`` trainable, **the encoder left in train
   mode** so its BatchNorm layers normalise with batch statistics and their running statistics drift
   to the album (quirk 10; the personal model's encoder buffers differ from the base's and inference
