@@ -1,4 +1,4 @@
-"""Adam for the captured single-GPU training step, over flat buffers, in one Triton pass.
+"""Adam for the captured training step, over flat buffers, in one Triton pass.
 
 The fast path trains float32 parameters through bfloat16 copies of the UNet's convolution and
 linear weights (``FastDenoiser``). With ``torch.optim.Adam`` a step then casts those weights to
@@ -98,8 +98,9 @@ class _Group:
 
 class FlatAdam:
     """``torch.optim.Adam`` + ``clip_grad_norm_`` for the params of a fast-path (``FastDenoiser``)
-    training step on one GPU; see the module docstring. ``net``'s cast weights among ``params``
-    are read by the forward as this optimizer's bf16 copies from now on (``net.flat_weights``)."""
+    training step; see the module docstring. ``net``'s cast weights among ``params`` are read by the
+    forward as this optimizer's bf16 copies from now on (``net.flat_weights``). ``distributed``: the
+    gradients are averaged over the processes of the default process group before clipping."""
 
     def __init__(self, net: Any, params: list[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, distributed: bool = False):

@@ -327,12 +327,13 @@ class _Snapshot:
     """A checkpoint's contents copied at its step, on the device they live on (milliseconds on a
     GPU, where copying them to the CPU held the loop ~2 s a time), and written later."""
 
-    def __init__(self, step: int, final: Path, meta: dict[str, Any], files: dict[str, Any], state: dict[str, Any]):
+    def __init__(self, step: int, final: Path, meta: dict[str, Any], files: dict[str, Any], state: dict[str, Any],
+                 keep_bytes: bool = False):
         from concurrent.futures import Future
 
         self.step, self.final, self.meta, self.files, self.state = step, final, meta, files, state
-        # model.safetensors again, for a final model of the same step (None when keep_bytes is off)
-        self.keep_bytes = False
+        # model.safetensors's bytes once made, for a final model of the same step (None unless keep_bytes)
+        self.keep_bytes = keep_bytes
         self.model_bytes: Future = Future()
         devices = {t.device for t in _tensors(files) + _tensors(state) if t.is_cuda}
         self.ready = {d: torch.cuda.Event() for d in devices}
@@ -569,7 +570,7 @@ def adam(params: list[nn.Parameter], *, lr: float, betas: tuple[float, float] = 
          weight_decay: float = 0.0, capturable: bool = False, net: nn.Module | None = None,
          distributed: bool = False) -> Any:
     """Adam as the official recipe. ``capturable``: nothing read back to the host, so the update can
-    be part of a CUDA graph; with the fast path's ``net`` (one GPU, one backward per step) that is
+    be part of a CUDA graph; with the fast path's ``net`` (bf16, one backward per step) that is
     ``optim.FlatAdam``, which also keeps the bf16 weights the forward reads (H100, batch 4: ~1 ms a
     step less); ``distributed``: it then also sums the gradients over the processes (in place of
     DDP). Otherwise torch's fused Adam (the same maths in one pass over the parameters; on the CPU
@@ -923,8 +924,8 @@ class Trainer:
                 "run": self._identity(),
             }
             final = self.out_dir / "checkpoints" / _checkpoint_dirname(self.step)
-            self._snapshot = _Snapshot(self.step, final, meta, files, state)
-            self._snapshot.keep_bytes = self.step >= self.config.max_steps  # run() writes the final model next
+            # at the last step run() writes the final model next: the same file
+            self._snapshot = _Snapshot(self.step, final, meta, files, state, keep_bytes=self.step >= self.config.max_steps)
             if wait:
                 self._write_checkpoint(self._snapshot)
             else:
