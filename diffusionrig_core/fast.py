@@ -305,8 +305,8 @@ class CapturedStep:
 
     ``fn(*inputs) -> loss`` must allocate the same tensors every call, set gradients to None (or zero
     them in place) at its start, and sync nothing to the host (FlatAdam or capturable fused Adam,
-    foreach clipping). The first ``warmup`` calls run ``fn`` eagerly on a side stream (cuDNN's algorithm search, torch.compile,
-    the allocator's warm-up); they are real steps. The next call captures the graph and every call
+    foreach clipping). The first ``warmup`` calls run ``fn`` eagerly on a side stream (cuDNN's
+    algorithm search, torch.compile, the allocator's warm-up); they are real steps. The next call captures the graph and every call
     from then on copies its inputs into the graph's static inputs and replays it, so a step costs one
     launch instead of a few thousand. Dropout stays random: PyTorch's generator advances its
     offset on every replay.
