@@ -110,14 +110,13 @@ class FlatAdam:
             raise ValueError("FlatAdam needs dense float32 parameters")
         self.params = list(params)
         self.defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        self.param_groups = [dict(self.defaults, params=self.params)]
         unet = dict(net.model.denoisingUNet.named_parameters())
-        cast = [unet[name] for name in net.cast_names if unet[name].requires_grad]
+        self.names = [name for name in net.cast_names if unet[name].requires_grad]
+        cast = [unet[name] for name in self.names]
         cast_ids = {id(p) for p in cast}
         rest = [p for p in self.params if id(p) not in cast_ids]
         if len(cast) + len(rest) != len(self.params):
             raise ValueError("the fast path's cast weights must all be among the trained parameters")
-        self.names = [name for name in net.cast_names if unet[name].requires_grad]
         self.low = _Group(cast, net.dtype, net.dtype)
         self.full = _Group(rest, torch.float32, None) if rest else None
         if self.full is not None:

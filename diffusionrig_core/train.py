@@ -45,8 +45,8 @@ import os
 import random
 import shutil
 import sys
-import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -329,13 +329,11 @@ class _Snapshot:
 
     def __init__(self, step: int, final: Path, meta: dict[str, Any], files: dict[str, Any], state: dict[str, Any],
                  keep_bytes: bool = False):
-        from concurrent.futures import Future
-
         self.step, self.final, self.meta, self.files, self.state = step, final, meta, files, state
         # model.safetensors's bytes once made, for a final model of the same step (None unless keep_bytes)
         self.keep_bytes = keep_bytes
         self.model_bytes: Future = Future()
-        devices = {t.device for t in _tensors(files) + _tensors(state) if t.is_cuda}
+        devices = {t.device for t in _tensors([f.tensors for f in files.values()]) + _tensors(state) if t.is_cuda}
         self.ready = {d: torch.cuda.Event() for d in devices}
         for d, event in self.ready.items():
             event.record(torch.cuda.current_stream(d))
@@ -353,31 +351,17 @@ class _Snapshot:
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
-    if hasattr(obj, "tensors"):  # a checkpoint.ModelFile
-        obj = obj.tensors
     _map_tensors(obj, lambda t: found.append(t) or t)
     return found
 
 
-class _Background:
-    """``fn(*args)`` on a thread of its own; ``join`` waits and re-raises what it raised."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any):
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                fn(*args)
-            except BaseException as exc:  # handed to whoever joins
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, name="diffusionrig-checkpoint")
-        self.thread.start()
-
-    def join(self) -> None:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+def _in_background(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` on a thread of its own; the future's ``result()`` waits and re-raises its error."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="diffusionrig-checkpoint")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with the job
 
 
 def _checkpoint_dirname(step: int) -> str:
@@ -649,7 +633,7 @@ class Trainer:
                  model_path: PathLike | None = None):
         self.config, self.out_dir = config, Path(out_dir)
         self.base, self.progress, self.callback = base, progress, callback
-        self._writer: _Background | None = None  # the checkpoint being written in the background
+        self._writer: Future | None = None  # the checkpoint being written in the background
         self._snapshot: _Snapshot | None = None  # the last checkpoint taken
         self.ctx = _init_distributed(config.device)
         try:
@@ -929,7 +913,7 @@ class Trainer:
             if wait:
                 self._write_checkpoint(self._snapshot)
             else:
-                self._writer = _Background(self._write_checkpoint, self._snapshot)
+                self._writer = _in_background(self._write_checkpoint, self._snapshot)
         _barrier(self.ctx)
         return final
 
@@ -937,14 +921,12 @@ class Trainer:
         """Wait until a checkpoint being written in the background is on disk (re-raising its error)."""
         writer, self._writer = self._writer, None
         if writer is not None:
-            writer.join()
+            writer.result()
 
     def _write_checkpoint(self, snap: _Snapshot) -> None:
         """Files into a temporary folder, fsynced, hashed into the manifest, renamed; latest.json last.
         The model file and the training state are serialised and written on two threads (GIL-free
         copies, writes and hashing): one after the other they took 6.4 s for the 256 model."""
-        from concurrent.futures import ThreadPoolExecutor
-
         final, root = snap.final, snap.final.parent
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
