@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import CheckpointError
+from .files import Written
 from .model import DEFAULT_CHANNEL_MULT, DiffusionRig, ModelConfig
 
 __all__ = ["infer_config", "load_model", "save_model", "convert_checkpoint", "load_state_dict", "CONFIG_KEY"]
@@ -325,7 +326,7 @@ class ModelFile:
     """The ``.safetensors`` file of a model as it was at one moment, not yet serialised.
 
     ``copy=True`` copies the tensors where they live (on a GPU ~2 ms for the 256 model), so training
-    can go on while another thread turns the copy into bytes (``to_bytes``) and writes it."""
+    can go on while another thread writes the copy (``save``)."""
 
     def __init__(self, model: DiffusionRig, metadata: dict[str, Any] | None = None, copy: bool = False):
         # Accept the wrappers a training loop holds: DDP (.module), torch.compile (._orig_mod), FastDenoiser (.model).
@@ -344,23 +345,19 @@ class ModelFile:
         if meta:
             self.header[METADATA_KEY] = json.dumps(meta, default=str)
 
-    def to_bytes(self) -> bytes:
-        from safetensors.torch import save
+    def save(self, path: str | os.PathLike, atomic: bool = True) -> Written:
+        """Write the file; ``atomic=False`` inside a folder that is renamed into place as a whole."""
+        from .files import atomic_save_safetensors, save_safetensors
 
-        return save({k: v.to("cpu").contiguous() for k, v in self.tensors.items()}, metadata=self.header)
-
-
-def model_file_bytes(model: DiffusionRig, metadata: dict[str, Any] | None = None) -> bytes:
-    """The ``.safetensors`` file ``save_model`` writes, in memory."""
-    return ModelFile(model, metadata).to_bytes()
+        if atomic:
+            return atomic_save_safetensors(self.tensors, path, self.header)
+        return save_safetensors(path, self.tensors, self.header)
 
 
 def save_model(model: DiffusionRig, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as .safetensors with its config (and mean shape, metadata), atomically."""
-    from .files import atomic_write_bytes
-
     p = Path(path)
-    atomic_write_bytes(p, model_file_bytes(model, metadata))
+    ModelFile(model, metadata).save(p)
     return p
 
 

@@ -7,12 +7,14 @@ file under the real name.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 PathLike = str | os.PathLike
 
@@ -37,14 +39,14 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
+def _atomically(path: PathLike, write: Callable[[BinaryIO], Any]) -> Any:
+    """``write(f)`` into a temporary file beside ``path``, fsync, rename over ``path``, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            result = write(f)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp makes the file private (0600); a model or dataset gets the usual permissions
@@ -57,20 +59,130 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             pass
         raise
     fsync_dir(path.parent)
+    return result
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
+    _atomically(path, lambda f: f.write(data))
+
+
+def atomic_link(src: PathLike, dst: PathLike) -> None:
+    """``dst`` becomes the same file as ``src`` (a hard link; a copy where the file system cannot link),
+    atomically: a file written once need not be written twice."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".tmp-{dst.name}-{os.getpid()}-link"
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or one without hard links
+            with open(src, "rb") as fi, open(tmp, "wb") as fo:
+                shutil.copyfileobj(fi, fo, 1 << 24)
+                fo.flush()
+                os.fsync(fo.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dst.parent)
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
 
-def atomic_save_safetensors(tensors: Mapping[str, Any], path: PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Save torch tensors or numpy arrays (not mixed) as a safetensors file, atomically."""
-    first = next(iter(tensors.values()), None)
-    if first is not None and not hasattr(first, "detach"):
-        from safetensors.numpy import save
-    else:
-        from safetensors.torch import save
-    atomic_write_bytes(path, save(dict(tensors), metadata=metadata))
+# ---------------------------------------------------------------------------------------------
+# safetensors, streamed
+# ---------------------------------------------------------------------------------------------
+_ST_DTYPES = {
+    "torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
+    "torch.uint8": "U8", "torch.uint16": "U16", "torch.uint32": "U32", "torch.uint64": "U64", "torch.bool": "BOOL",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """What a file holds: its size and SHA-256, known without reading it back."""
+
+    size: int
+    sha256: str
+
+
+def write_safetensors(f: BinaryIO, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> Written:
+    """Write ``tensors`` (torch tensors on any device, or numpy arrays) to the open file ``f`` in the
+    safetensors format, hashing as it goes.
+
+    No copy of the whole file is built in memory: CPU tensors are written from their own memory, and
+    GPU tensors are staged once through one pinned buffer (copies of a 256 model one tensor at a time
+    into a ``bytes`` object took 1.2-1.8 s on an H100 host and held the GIL). The data is laid out
+    largest element size first, as the safetensors library does, so every tensor stays aligned."""
+    import numpy as np
+    import torch
+
+    items = []
+    for name, t in tensors.items():
+        t = t.detach() if isinstance(t, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(t))
+        if str(t.dtype) not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in a safetensors file")
+        items.append((name, t))
+    items.sort(key=lambda item: (-item[1].element_size(), item[0]))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in items:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[str(t.dtype)], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    staged = _stage_on_cpu([t for _, t in items], offset)
+    digest = hashlib.sha256()
+    for block in [len(head).to_bytes(8, "little"), head, *staged]:
+        digest.update(block)
+        f.write(block)
+    return Written(8 + len(head) + offset, digest.hexdigest())
+
+
+def _stage_on_cpu(tensors: list[Any], total: int) -> list[memoryview]:
+    """Each tensor's bytes in CPU memory, in order; GPU tensors copied together into one pinned buffer
+    on the current stream (a checkpoint writer's own), waited for once."""
+    import torch
+
+    gpu = [t for t in tensors if t.device.type != "cpu"]
+    pinned = torch.empty(sum(t.numel() * t.element_size() for t in gpu), dtype=torch.uint8,
+                         pin_memory=bool(gpu) and torch.cuda.is_available())
+    out, at = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        if t.device.type == "cpu":
+            flat = t.contiguous().reshape(-1)
+            out.append(memoryview(flat.view(torch.uint8).numpy()) if n else memoryview(b""))
+            continue
+        dst = pinned[at:at + n]
+        if n:
+            dst.view(t.dtype).view(t.shape).copy_(t, non_blocking=True)
+        out.append(memoryview(dst.numpy()))
+        at += n
+    if gpu:
+        torch.cuda.current_stream(gpu[0].device).synchronize()
+    return out
+
+
+def save_safetensors(path: PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> Written:
+    """``write_safetensors`` to a new file at ``path``, fsynced (inside a folder that is renamed into
+    place as a whole; ``atomic_save_safetensors`` for a file on its own)."""
+    with open(path, "wb") as f:
+        written = write_safetensors(f, tensors, metadata)
+        f.flush()
+        os.fsync(f.fileno())
+    return written
+
+
+def atomic_save_safetensors(tensors: Mapping[str, Any], path: PathLike, metadata: Mapping[str, str] | None = None) -> Written:
+    """Save torch tensors or numpy arrays as a safetensors file, atomically."""
+    return _atomically(path, lambda f: write_safetensors(f, tensors, metadata))
 
 
 def sha256_file(path: PathLike) -> str:

@@ -8,8 +8,8 @@ gradients (1.8 ms). ``FlatAdam`` keeps each of the weights, their bf16 copies, b
 both moments in one flat buffer (the parameters become views of it); the backward copies the bf16
 gradients in, and one kernel reads them and writes the weight, the moments and next step's bf16
 copy. The other trainable parameters (biases, norms, the time embedding, a Stage 1 encoder) keep
-float32 gradients, accumulated by autograd into views of a flat buffer of their own, and go through
-the same kernel without the copy.
+float32 gradients, copied after the backward into a flat buffer of their own in a few multi-tensor
+kernels, and go through the same kernel without the bf16 copy.
 
 The maths is ``torch.optim.Adam``'s (L2 weight decay, bias corrections, eps outside the square
 root) with ``clip_grad_norm_``'s factor folded into the gradient, computed on the device: nothing is
@@ -119,9 +119,6 @@ class FlatAdam:
             raise ValueError("the fast path's cast weights must all be among the trained parameters")
         self.low = _Group(cast, net.dtype, net.dtype)
         self.full = _Group(rest, torch.float32, None) if rest else None
-        if self.full is not None:
-            for p, g in zip(rest, self.full.grads):
-                p.grad = g  # autograd adds into these in place; zero_grad zeroes them
         self.scalars = torch.zeros(2, device=self.params[0].device)  # [step, gradient factor]
         # Several processes (torchrun): the gradients are summed over them here, in the captured step,
         # instead of by DistributedDataParallel (whose captured step hung), and every process starts
@@ -140,16 +137,30 @@ class FlatAdam:
 
     # ---- the step --------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the float32 gradients in place (their views are what autograd adds into); the bf16
-        ones are overwritten by each backward."""
+        """The float32 gradients to None, so that autograd hands each one over instead of adding it to
+        a zeroed buffer (~400 addition kernels a step, 0.6 ms on an H100 at batch 4); the bf16 ones
+        are overwritten by each backward."""
         if self.full is not None:
-            self.full.g.zero_()
+            for p in self.full.params:
+                p.grad = None
+
+    def _gather_grads(self) -> None:
+        """The float32 gradients autograd produced, into the flat buffer (zero where none came)."""
+        if self.full is None:
+            return
+        have = [(view, p.grad) for p, view in zip(self.full.params, self.full.grads) if p.grad is not None]
+        missing = [view for p, view in zip(self.full.params, self.full.grads) if p.grad is None]
+        if have:
+            torch._foreach_copy_([view for view, _ in have], [g for _, g in have])
+        if missing:
+            torch._foreach_zero_(missing)
 
     def weights(self) -> list[torch.Tensor]:
         """The bf16 weights for this step's forward; their gradients land in this optimizer."""
         return list(_LowWeights.apply(self, *self.low.params))
 
     def clip_and_step(self, max_norm: float) -> None:
+        self._gather_grads()
         groups = [g for g in (self.low, self.full) if g is not None]
         step = self.scalars[0:1]
         step.add_(1.0)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from diffusionrig_core.checkpoint import load_model, save_model
 from diffusionrig_core.data import DatasetWriter, RigDataset
 from diffusionrig_core.errors import InputError, TrainingError
+from diffusionrig_core.files import sha256_file
 from diffusionrig_core.model import DiffusionRig, ModelConfig
 from diffusionrig_core import train as T
 from diffusionrig_core.train import StepBatchSampler, TrainConfig, find_checkpoint, train, verify_checkpoint
@@ -159,15 +160,16 @@ def test_a_half_written_checkpoint_is_never_read_as_valid(tmp_path, data, base, 
     ck = run / "checkpoints"
 
     # 1. a crash while step 3's checkpoint is being written: latest.json still names step 2
-    real = T._write_file_synced
+    real = T._save_file
 
-    def crash_on_state(path, payload):
-        if path.name == "state.pt":
-            real(path, payload[: len(payload) // 2])
+    def crash_on_state(path, tensors, metadata):
+        written = real(path, tensors, metadata)
+        if path.name == T.STATE_FILE:
+            os.truncate(path, written.size // 2)
             raise OSError("disk full")
-        real(path, payload)
+        return written
 
-    monkeypatch.setattr(T, "_write_file_synced", crash_on_state)
+    monkeypatch.setattr(T, "_save_file", crash_on_state)
     with pytest.raises(OSError, match="disk full"):
         train(TrainConfig.tiny(2, max_steps=3, save_interval=1, keep_checkpoints=3), data["six"], run, base=base,
               progress=False)
@@ -197,13 +199,13 @@ def test_a_checkpoint_written_in_the_background_holds_the_step_it_was_taken_at(t
     trainer = T.Trainer(TrainConfig.tiny(2, max_steps=3, save_interval=0), data["six"], tmp_path / "run", base=base,
                         progress=False)
     gate = threading.Event()
-    real = T._write_file_synced
+    real = T._save_file
 
-    def held(path, payload):  # the writer waits until the test has trained on
+    def held(path, tensors, metadata):  # the writer waits until the test has trained on
         assert gate.wait(30)
-        real(path, payload)
+        return real(path, tensors, metadata)
 
-    monkeypatch.setattr(T, "_write_file_synced", held)
+    monkeypatch.setattr(T, "_save_file", held)
     try:
         batches = trainer._batches()
         trainer._update(*next(batches))
@@ -221,25 +223,52 @@ def test_a_checkpoint_written_in_the_background_holds_the_step_it_was_taken_at(t
     assert T.load_training_state(ck)["step"] == 1 and find_checkpoint(tmp_path / "run") == ck
 
 
-def test_the_final_model_is_its_last_checkpoints_model_file_serialised_once(tmp_path, data, base, monkeypatch):
+def test_the_final_model_is_its_last_checkpoints_model_file_written_once(tmp_path, data, base, monkeypatch):
     from diffusionrig_core import checkpoint
 
-    calls = []
-    real = checkpoint.ModelFile.to_bytes
-    monkeypatch.setattr(checkpoint.ModelFile, "to_bytes", lambda self: calls.append(1) or real(self))
+    written = []
+    real = T._save_file
+    monkeypatch.setattr(T, "_save_file", lambda path, *a: written.append(path.name) or real(path, *a))
+    monkeypatch.setattr(checkpoint.ModelFile, "save", lambda *a, **k: pytest.fail("the final model was written again"))
     run = tmp_path / "run"
     path = train(TrainConfig.tiny(2, max_steps=2, save_interval=0), data["six"], run, base=base, progress=False)
     last = find_checkpoint(run)
-    assert T.load_training_state(last)["step"] == 2 and len(calls) == 1
+    assert T.load_training_state(last)["step"] == 2 and written.count("model.safetensors") == 1
     assert path.read_bytes() == (last / "model.safetensors").read_bytes()
     model = checkpoint.load_model(path).state_dict()
     assert _same(load_file(str(path)), model, keys=list(model))
+    # the checkpoint going (pruned, deleted) leaves the final model whole
+    shutil.rmtree(last)
+    assert _same(load_file(str(path)), model, keys=list(model))
 
 
-def test_training_state_loads_with_weights_only(tmp_path, data, base):
+def test_the_training_state_is_a_safetensors_file_that_keeps_its_structure(tmp_path, data, base):
     train(TrainConfig.tiny(2, max_steps=1), data["six"], tmp_path / "r", base=base, progress=False)
-    state = torch.load(find_checkpoint(tmp_path / "r") / "state.pt", weights_only=True)
-    assert state["step"] == 1 and state["optimizer"]["state"] and len(state["rng"]) == 1
+    ck = find_checkpoint(tmp_path / "r")
+    assert not (ck / "state.pt").exists()
+    tensors = load_file(str(ck / T.STATE_FILE))  # the safetensors library reads it: nothing pickled
+    state = T.load_training_state(ck)
+    assert state["step"] == 1 and len(state["rng"]) == 1
+    opt = state["optimizer"]
+    assert opt["state"] and all(isinstance(k, int) for k in opt["state"])  # torch.optim's int keys
+    assert isinstance(opt["param_groups"][0]["betas"], tuple)
+    assert any(torch.equal(tensors[name], opt["state"][0]["exp_avg"]) for name in tensors)
+
+
+def test_a_checkpoint_from_before_the_safetensors_state_still_resumes(tmp_path, data, base):
+    run = tmp_path / "r"
+    train(TrainConfig.tiny(2, max_steps=1, save_interval=1), data["six"], run, base=base, progress=False)
+    ck = find_checkpoint(run)
+    state = T.load_training_state(ck)
+    (ck / T.STATE_FILE).unlink()
+    torch.save(state, ck / "state.pt")
+    manifest = json.loads((ck / "manifest.json").read_text())
+    del manifest["files"][T.STATE_FILE]
+    manifest["files"]["state.pt"] = {"size": (ck / "state.pt").stat().st_size, "sha256": sha256_file(ck / "state.pt")}
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    assert find_checkpoint(run) == ck and T.load_training_state(ck)["step"] == 1
+    train(TrainConfig.tiny(2, max_steps=2, save_interval=1), data["six"], run, base=base, progress=False)
+    assert T.load_training_state(find_checkpoint(run))["step"] == 2
 
 
 def _free_port() -> int:
