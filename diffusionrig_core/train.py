@@ -57,7 +57,8 @@ import torch
 from torch import nn
 
 from .data import RigDataset
-from .files import Written, atomic_link, atomic_write_bytes, atomic_write_json, fsync_dir, save_safetensors, sha256_file
+from .files import (Written, atomic_link, atomic_write_bytes, atomic_write_json, fsync_dir, piece_digest,
+                    save_safetensors, sha256_file)
 from .errors import CheckpointError, InputError, TrainingError
 
 PathLike = str | os.PathLike
@@ -408,6 +409,12 @@ def _checkpoint_dirname(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _digest_matches(path: Path, info: dict[str, Any]) -> bool:
+    if "digest" in info:
+        return piece_digest(path) == info["digest"]
+    return sha256_file(path) == info.get("sha256")  # manifests written before the piece digest
+
+
 def verify_checkpoint(ck_dir: PathLike) -> dict[str, Any] | None:
     """The manifest of a complete checkpoint folder, or None if anything is missing or altered."""
     ck_dir = Path(ck_dir)
@@ -415,7 +422,7 @@ def verify_checkpoint(ck_dir: PathLike) -> dict[str, Any] | None:
         manifest = json.loads((ck_dir / "manifest.json").read_text("utf-8"))
         for name, info in manifest["files"].items():
             f = ck_dir / name
-            if not f.is_file() or f.stat().st_size != int(info["size"]) or sha256_file(f) != info["sha256"]:
+            if not f.is_file() or f.stat().st_size != int(info["size"]) or not _digest_matches(f, info):
                 return None
         return manifest
     except (OSError, ValueError, KeyError, TypeError):

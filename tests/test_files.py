@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionrig_core.files import atomic_save_safetensors, atomic_write_bytes, sha256_file
+from diffusionrig_core.files import PieceDigest, atomic_save_safetensors, atomic_write_bytes, piece_digest, sha256_file
 
 
 def test_a_failed_write_keeps_the_old_file_whole_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -58,7 +58,7 @@ def _streamed_file_reads_back(tmp_path, tensors):
 
     target = tmp_path / "t.safetensors"
     written = atomic_save_safetensors(tensors, target, {"k": "v"})
-    assert written.size == target.stat().st_size and written.sha256 == sha256_file(target)
+    assert written.size == target.stat().st_size and written.digest == piece_digest(target)
     with safe_open(str(target), framework="pt") as f:
         assert f.metadata() == {"k": "v"}
         back = {k: f.get_tensor(k) for k in f.keys()}
@@ -85,3 +85,23 @@ def test_numpy_arrays_are_streamed_to_safetensors_too(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU tensors are staged through pinned memory)")
 def test_gpu_tensors_are_streamed_to_safetensors_through_pinned_memory(tmp_path):
     _streamed_file_reads_back(tmp_path, _tensors_of_every_kind("cuda"))
+
+
+def test_the_piece_digest_is_sha256_over_the_sha256_of_each_piece_however_the_bytes_arrive(tmp_path, monkeypatch):
+    import hashlib
+
+    from diffusionrig_core import files
+
+    monkeypatch.setattr(files, "PIECE", 1000)
+    data = os.urandom(4500)
+    pieces = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+    expected = hashlib.sha256(b"".join(hashlib.sha256(p).digest() for p in pieces)).hexdigest()
+    streamed = PieceDigest()
+    for lo, hi in ((0, 7), (7, 1999), (1999, 2000), (2000, 4500)):
+        streamed.update(data[lo:hi])
+    (tmp_path / "f").write_bytes(data)
+    assert streamed.hexdigest() == expected == piece_digest(tmp_path / "f")
+    (tmp_path / "f").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert piece_digest(tmp_path / "f") != expected
+    (tmp_path / "empty").write_bytes(b"")
+    assert piece_digest(tmp_path / "empty") == PieceDigest().hexdigest()
