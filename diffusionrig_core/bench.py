@@ -46,7 +46,7 @@ class BenchOptions:
     sample_batches: tuple[int, ...] = (1, 16)
     steps: str = "ddim20"
     train_iters: int = 10
-    warmup: int = 5  # the captured training step: 3 eager steps, then the capture
+    warmup: int = 5  # the captured training step: 1 eager step, the capture, replays
     sample_repeats: int = 5
     baseline: bool = True
     config: Any = None  # ModelConfig; default 256 model
@@ -121,7 +121,7 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
 
         def step(x0, buffers, t, noise):
             return update_step(net, diffusion, opt, params, x0, buffers, t, noise, grad_clip=clip)
-        # the Trainer's step, replayed (as there) from one CUDA graph after 3 eager warm-up steps
+        # the Trainer's step, replayed (as there) from one CUDA graph after one eager warm-up step
         return CapturedStep(step) if graph else step
 
     # Official: fp16 autocast around forward + loss, GradScaler, unscale, clip, step.

@@ -139,10 +139,14 @@ def infer_config(
     return config
 
 
-def check_state_dict(sd: Mapping[str, torch.Tensor], config: ModelConfig, what: str = "this state dict") -> None:
-    """Raise CheckpointError unless ``sd`` has exactly the keys and shapes of ``config``'s model."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in DiffusionRig(config).state_dict().items()}
+def check_state_dict(sd: Mapping[str, torch.Tensor], config: ModelConfig, what: str = "this state dict",
+                     model: DiffusionRig | None = None) -> None:
+    """Raise CheckpointError unless ``sd`` has exactly the keys and shapes of ``config``'s model
+    (``model``: one already built from ``config``, e.g. on the meta device)."""
+    if model is None:
+        with torch.device("meta"):
+            model = DiffusionRig(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
@@ -287,14 +291,16 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", dtyp
             raise CheckpointError(f"{p} has an unreadable '{CONFIG_KEY}' metadata entry ({e})") from None
         if overrides:
             config = ModelConfig.from_dict({**config.to_dict(), **overrides})
-        check_state_dict(sd, config, what=str(p))
+        with torch.device("meta"):
+            model = DiffusionRig(config)
+        check_state_dict(sd, config, what=str(p), model=model)
     else:
         try:
-            config = infer_config(sd, **overrides)
+            config = infer_config(sd, **overrides)  # (checks the state dict against the config it infers)
         except CheckpointError as e:
             raise CheckpointError(f"{p}: {e}") from None
-    with torch.device("meta"):
-        model = DiffusionRig(config)
+        with torch.device("meta"):
+            model = DiffusionRig(config)
     sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.eval()

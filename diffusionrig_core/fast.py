@@ -306,13 +306,15 @@ class CapturedStep:
     ``fn(*inputs) -> loss`` must allocate the same tensors every call, set gradients to None (or zero
     them in place) at its start, and sync nothing to the host (FlatAdam or capturable fused Adam,
     foreach clipping). The first ``warmup`` calls run ``fn`` eagerly on a side stream (cuDNN's
-    algorithm search, torch.compile, the allocator's warm-up); they are real steps. The next call captures the graph and every call
-    from then on copies its inputs into the graph's static inputs and replays it, so a step costs one
-    launch instead of a few thousand. Dropout stays random: PyTorch's generator advances its
-    offset on every replay.
+    algorithm search, torch.compile, the allocator's warm-up); they are real steps. One is enough
+    when nothing is created lazily after the first step (FlatAdam's state exists from the start, the
+    gradients are set to None every step); each more cost ~0.2 s of launching from Python (256, H100).
+    The next call captures the graph and every call from then on copies its inputs into the graph's
+    static inputs and replays it, so a step costs one launch instead of a few thousand. Dropout stays
+    random: PyTorch's generator advances its offset on every replay.
     """
 
-    def __init__(self, fn, warmup: int = 3):
+    def __init__(self, fn, warmup: int = 1):
         self.fn = fn
         self.warmup = warmup
         self.calls = 0

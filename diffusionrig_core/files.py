@@ -207,7 +207,7 @@ def write_safetensors(f: BinaryIO, tensors: Mapping[str, Any], metadata: Mapping
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)
-    staged = _stage_on_cpu([t for _, t in items], offset)
+    staged = _stage_on_cpu([t for _, t in items])
     digest = PieceDigest()
     for block in [len(head).to_bytes(8, "little"), head, *staged]:
         digest.update(block)
@@ -218,28 +218,39 @@ def write_safetensors(f: BinaryIO, tensors: Mapping[str, Any], metadata: Mapping
     return Written(8 + len(head) + offset, digest.hexdigest())
 
 
-def _stage_on_cpu(tensors: list[Any], total: int) -> list[memoryview]:
-    """Each tensor's bytes in CPU memory, in order; GPU tensors copied together into one pinned buffer
-    on the current stream (a checkpoint writer's own), waited for once."""
+_STAGING_BLOCK = 1 << 25  # 32 MiB
+
+
+def _stage_on_cpu(tensors: list[Any]) -> list[memoryview]:
+    """Each tensor's bytes in CPU memory, in order; GPU tensors copied on the current stream (a
+    checkpoint writer's own) into pinned blocks, waited for once.
+
+    The blocks are 32 MiB: pinning memory holds a driver lock that every other CUDA call waits on,
+    and pinning the 1.6 GB of a 256 checkpoint at once held a training loop on another thread ~1 s
+    (a stall at every run's first checkpoint). In blocks this small the loop's queued work covers
+    each wait, and PyTorch keeps the blocks for the next checkpoint."""
     import torch
 
-    gpu = [t for t in tensors if t.device.type != "cpu"]
-    pinned = torch.empty(sum(t.numel() * t.element_size() for t in gpu), dtype=torch.uint8,
-                         pin_memory=bool(gpu) and torch.cuda.is_available())
-    out, at = [], 0
+    out: list[memoryview] = []
+    block, used = None, 0
+    device = None
     for t in tensors:
         n = t.numel() * t.element_size()
         if t.device.type == "cpu":
             flat = t.contiguous().reshape(-1)
             out.append(memoryview(flat.view(torch.uint8).numpy()) if n else memoryview(b""))
             continue
-        dst = pinned[at:at + n]
+        device = t.device
+        if block is None or used + n > block.numel():
+            block = torch.empty(max(_STAGING_BLOCK, n), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            used = 0
+        dst = block[used:used + n]
         if n:
             dst.view(t.dtype).view(t.shape).copy_(t, non_blocking=True)
         out.append(memoryview(dst.numpy()))
-        at += n
-    if gpu:
-        torch.cuda.current_stream(gpu[0].device).synchronize()
+        used += -(-n // 16) * 16  # the next tensor starts aligned for any dtype
+    if device is not None:
+        torch.cuda.current_stream(device).synchronize()
     return out
 
 
