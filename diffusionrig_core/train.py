@@ -770,6 +770,11 @@ class Trainer:
             from .fast import FastDenoiser, recompute_for_batch
 
             torch.backends.cudnn.benchmark = True
+            # cuDNN's search of every convolution costs a few seconds once; a short run (Stage 2's
+            # 5,000 steps) earns back only the search of the largest ones (fused.search_convolutions_from).
+            from .fused import search_convolutions_from
+
+            search_convolutions_from(self.dataset.size // 2 if cfg.max_steps <= 30_000 else 0)
             self.net = FastDenoiser(self.model, dtype=torch.bfloat16 if self.use_bf16 else torch.float32,
                                     compile=cfg.compile, recompute=recompute_for_batch(cfg.micro_batch or cfg.batch_size),
                                     cast_at_once=self.ctx.world == 1)

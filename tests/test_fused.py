@@ -308,3 +308,26 @@ def test_fast_resampling_on_channels_last_equals_the_official_resampling(up):
     g_fast, = torch.autograd.grad((fast * w).sum(), x)
     g_ref, = torch.autograd.grad((ref * w).sum(), x)
     assert torch.allclose(g_fast, g_ref, atol=1e-6)
+
+
+def test_cudnn_searches_only_the_fused_convolutions_at_or_above_the_chosen_height(monkeypatch):
+    from diffusionrig_core import fused
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(fused, "_search_from", 0)
+    seen = {}
+
+    def conv(*args, **kwargs):
+        seen[args[0].shape[-2]] = torch.backends.cudnn.benchmark
+        return real(*args, **kwargs)
+
+    real = fused.F.conv2d
+    monkeypatch.setattr(fused.F, "conv2d", conv)
+    w = torch.randn(8, 8, 3, 3)
+    for size in (8, 16):
+        fused.norm_affine_silu_conv(torch.randn(2, 8, size, size), 2, torch.ones(8), torch.zeros(8), w)
+    assert seen == {8: True, 16: True}  # by default every convolution is searched
+    fused.search_convolutions_from(16)
+    for size in (8, 16):
+        fused.norm_affine_silu_conv(torch.randn(2, 8, size, size), 2, torch.ones(8), torch.zeros(8), w)
+    assert seen == {8: False, 16: True} and torch.backends.cudnn.benchmark
