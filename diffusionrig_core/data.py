@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes, atomic_write_json, fsync_dir
+from .files import atomic_save_safetensors, atomic_write_json, fsync_dir
 from .errors import DiffusionRigError, ImageError, InputError, NoFaceError
 
 PathLike = str | os.PathLike
@@ -139,11 +139,9 @@ class DatasetWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        from safetensors.torch import save
-
-        tensors = {key: torch.stack([item[key] for item in self._pending]).contiguous() for key in self._pending[0]}
+        tensors = {key: torch.stack([item[key] for item in self._pending]) for key in self._pending[0]}
         name = _shard_name(len(self.shards))
-        atomic_write_bytes(self.out_dir / name, save(tensors, metadata={"format": FORMAT}))
+        atomic_save_safetensors(tensors, self.out_dir / name, {"format": FORMAT})
         self.shards.append({"file": name, "count": len(self._pending)})
         self._pending = []
 

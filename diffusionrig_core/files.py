@@ -4,6 +4,11 @@ Every file DiffusionRig writes for a user to keep (models, datasets, caches, tra
 through ``atomic_write_bytes``: a temporary file in the same folder, fsync, rename over the target,
 fsync the folder. A crash at any point leaves at worst a stray ``.tmp-*`` file, never a truncated
 file under the real name.
+
+Tensor files are streamed (``write_safetensors``): written from the tensors' own memory, or from
+pinned copies of GPU tensors, never assembled in memory first; and what they hold is recorded as a
+digest taken while they are written (``PieceDigest``), so a checkpoint's manifest costs no second
+read of 1.6 GB.
 """
 from __future__ import annotations
 
@@ -95,36 +100,11 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# safetensors, streamed
-# ---------------------------------------------------------------------------------------------
-_ST_DTYPES = {
-    "torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
-    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
-    "torch.uint8": "U8", "torch.uint16": "U16", "torch.uint32": "U32", "torch.uint64": "U64", "torch.bool": "BOOL",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Written:
-    """What a file holds: its size and ``piece_digest``, known without reading it back."""
-
-    size: int
-    digest: str
-
-
-# ---------------------------------------------------------------------------------------------
 # A digest that many cores take at once
 # ---------------------------------------------------------------------------------------------
 PIECE = 1 << 26  # 64 MiB
 _HASHERS = min(8, os.cpu_count() or 1)
-_hash_pool: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _hash_pool
-    if _hash_pool is None:
-        _hash_pool = ThreadPoolExecutor(_HASHERS, thread_name_prefix="diffusionrig-hash")
-    return _hash_pool
+_hash_pool = ThreadPoolExecutor(_HASHERS, thread_name_prefix="diffusionrig-hash")  # (threads start on first use)
 
 
 def _sha256_of(pieces: list[Any]) -> bytes:
@@ -155,7 +135,7 @@ class PieceDigest:
                 self._submit()
 
     def _submit(self) -> None:
-        self.jobs.append(_pool().submit(_sha256_of, self.pending))
+        self.jobs.append(_hash_pool.submit(_sha256_of, self.pending))
         self.pending, self.filled = [], 0
 
     def hexdigest(self) -> str:
@@ -177,6 +157,24 @@ def piece_digest(path: PathLike) -> str:
                 digest.jobs[-2 * _HASHERS].result()
             digest.update(piece)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors, streamed
+# ---------------------------------------------------------------------------------------------
+_ST_DTYPES = {
+    "torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8",
+    "torch.uint8": "U8", "torch.uint16": "U16", "torch.uint32": "U32", "torch.uint64": "U64", "torch.bool": "BOOL",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """What a file holds: its size and ``piece_digest``, known without reading it back."""
+
+    size: int
+    digest: str
 
 
 def write_safetensors(f: BinaryIO, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,

@@ -27,7 +27,7 @@ What differs, on purpose:
   ``micro_batch=B`` see identical samples. Dropout uses the global RNG, whose state per rank is
   saved with every checkpoint: a resumed run continues bit for bit (CPU, float32).
 * Checkpoints (``OUT/checkpoints/step_NNNNNNNN/``: ``model.safetensors``, ``ema.safetensors``,
-  ``state.safetensors`` with the optimizer, step and RNG states, ``manifest.json`` with sizes and SHA-256) are
+  ``state.safetensors`` with the optimizer, step and RNG states, ``manifest.json`` with sizes and digests) are
   written into a temporary folder, fsynced and renamed; ``OUT/latest.json`` is replaced last. A
   checkpoint whose files do not match its manifest is never loaded. Stage 2 can be resumed too
   (the official code cannot, issue #14).
