@@ -11,7 +11,6 @@ found and no model is given, the face rig, the sample people and the demo model 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffusionrig_core.errors import AssetError, CheckpointError, InputError
+from diffusionrig_core.files import sha256_file
 
 log = logging.getLogger("diffusionrig.app")
 
@@ -122,14 +122,6 @@ def load_demo_world(folder: Path) -> DemoWorld:
     world = demo_world(folder)
     return DemoWorld(Path(world.assets_dir), {str(k): Path(v) for k, v in world.photos.items()},
                      {k if k.startswith("demo") else f"demo: {k}": Path(v) for k, v in world.models.items()})
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _portrait_bytes(portrait) -> int:
@@ -335,7 +327,7 @@ class Engine:
     def portrait(self, photo: str | Path, size: int):
         """The fitted photo (cached by its content, so slider moves do not refit)."""
         path = Path(photo)
-        digest = file_digest(path)
+        digest = sha256_file(path)
         key = (digest, size)
         with self._lock:
             if key in self._fits:
@@ -367,5 +359,5 @@ class Engine:
     def _sample_by_digest(self) -> dict[str, Path]:
         with self._lock:
             if self._samples_digest is None:
-                self._samples_digest = {file_digest(p): p for p in self.sample_photos().values() if p.is_file()}
+                self._samples_digest = {sha256_file(p): p for p in self.sample_photos().values() if p.is_file()}
             return self._samples_digest

@@ -22,8 +22,9 @@ import numpy as np
 
 from diffusionrig_core.edits import light_direction
 from diffusionrig_core.errors import DiffusionRigError, ImageError, InputError, TrainingError
+from diffusionrig_core.files import sha256_file
 
-from .app import Engine, file_digest
+from .app import Engine
 
 # progress(fraction in [0, 1], message)
 Progress = Callable[[float, str], None]
@@ -434,7 +435,7 @@ def check_album(engine: Engine, files: Any, model_choice: str | None = None,
             progress(k / len(paths), f"fitting {path.name} ({k + 1}/{len(paths)})")
         try:
             path = check_photo(engine, path)
-            digest = file_digest(path)
+            digest = sha256_file(path)
             if digest in seen:
                 raise InputError(f"the same photo as {seen[digest]}")
             seen[digest] = path.name
@@ -509,8 +510,8 @@ def train_album(engine: Engine, files: Any, base_model: str | None, steps: Any =
         raise TrainingError("none of the photos can be used (see the rejected list); "
                             "upload photos where one face is clearly visible")
     base_path = engine.resolve_model(base_model)
-    samples = {file_digest(p): p for p in engine.sample_photos().values() if p.is_file()}
-    photos = [samples.get(file_digest(p), p) for p in album.accepted]
+    samples = {sha256_file(p): p for p in engine.sample_photos().values() if p.is_file()}
+    photos = [samples.get(sha256_file(p), p) for p in album.accepted]
     label = f"personal: {_slug(name)} ({time.strftime('%H%M%S')})"
     out_dir = engine.work_dir / "models"
     out_dir.mkdir(parents=True, exist_ok=True)
