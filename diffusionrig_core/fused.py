@@ -530,16 +530,17 @@ class _NormAffineSiLU(torch.autograd.Function):
 _search_from = 0  # the smallest activation height whose fused convolutions cuDNN searches (0: all)
 
 
-def search_convolutions_from(height: int) -> None:
+def search_convolutions_from(height: int) -> int:
     """With ``torch.backends.cudnn.benchmark`` on, let cuDNN time its algorithms only for the fused
     norm + convolutions on activations at least ``height`` pixels high; the others take its
     heuristic choice (0: search all). The search is paid once per process and distinct convolution
     (a 256 Stage 2 step has 91: ~5 s of its first step on an H100) and earns itself back only where
     a convolution is large. H100, 256, batch 4, searching the levels of 128 px and up instead of
     all: first step 5.3-5.4 s instead of 7.2-8.5 s, the step 27.80 ms instead of 27.66-27.78;
-    searching none: 4.3-4.6 s and 28.03 ms."""
+    searching none: 4.3-4.6 s and 28.03 ms. Returns the previous setting (to put back)."""
     global _search_from
-    _search_from = height
+    previous, _search_from = _search_from, height
+    return previous
 
 
 @contextlib.contextmanager

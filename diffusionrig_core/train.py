@@ -695,6 +695,7 @@ class Trainer:
         self.base, self.progress, self.callback = base, progress, callback
         self._writer: Future | None = None  # the checkpoint being written in the background
         self._snapshot: _Snapshot | None = None  # the last checkpoint taken
+        self._conv_search: int | None = None  # the process's cuDNN search setting, put back by close()
         self.ctx = _init_distributed(config.device)
         try:
             self._setup(dataset_path, model_path, resume)
@@ -774,7 +775,7 @@ class Trainer:
             # 5,000 steps) earns back only the search of the largest ones (fused.search_convolutions_from).
             from .fused import search_convolutions_from
 
-            search_convolutions_from(self.dataset.size // 2 if cfg.max_steps <= 30_000 else 0)
+            self._conv_search = search_convolutions_from(self.dataset.size // 2 if cfg.max_steps <= 30_000 else 0)
             self.net = FastDenoiser(self.model, dtype=torch.bfloat16 if self.use_bf16 else torch.float32,
                                     compile=cfg.compile, recompute=recompute_for_batch(cfg.micro_batch or cfg.batch_size),
                                     cast_at_once=self.ctx.world == 1)
@@ -1145,6 +1146,11 @@ class Trainer:
         return float(t) / self.ctx.world
 
     def close(self) -> None:
+        if self._conv_search is not None:  # this run's choice, not the process's
+            from .fused import search_convolutions_from
+
+            search_convolutions_from(self._conv_search)
+            self._conv_search = None
         try:
             self.wait_for_checkpoint()
         finally:

@@ -327,7 +327,7 @@ def test_cudnn_searches_only_the_fused_convolutions_at_or_above_the_chosen_heigh
     for size in (8, 16):
         fused.norm_affine_silu_conv(torch.randn(2, 8, size, size), 2, torch.ones(8), torch.zeros(8), w)
     assert seen == {8: True, 16: True}  # by default every convolution is searched
-    fused.search_convolutions_from(16)
+    assert fused.search_convolutions_from(16) == 0  # (the previous setting, for the caller to put back)
     for size in (8, 16):
         fused.norm_affine_silu_conv(torch.randn(2, 8, size, size), 2, torch.ones(8), torch.zeros(8), w)
     assert seen == {8: False, 16: True} and torch.backends.cudnn.benchmark
