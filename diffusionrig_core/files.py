@@ -153,8 +153,8 @@ def piece_digest(path: PathLike) -> str:
             piece = f.read(PIECE)
             if not piece:
                 break
-            if len(digest.jobs) >= 2 * _HASHERS:  # bound the pieces held in memory
-                digest.jobs[-2 * _HASHERS].result()
+            if len(digest.jobs) >= _HASHERS:  # at most one piece a hashing thread held in memory
+                digest.jobs[-_HASHERS].result()
             digest.update(piece)
     return digest.hexdigest()
 
