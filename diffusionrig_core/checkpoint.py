@@ -291,16 +291,15 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", dtyp
             raise CheckpointError(f"{p} has an unreadable '{CONFIG_KEY}' metadata entry ({e})") from None
         if overrides:
             config = ModelConfig.from_dict({**config.to_dict(), **overrides})
-        with torch.device("meta"):
-            model = DiffusionRig(config)
-        check_state_dict(sd, config, what=str(p), model=model)
     else:
         try:
             config = infer_config(sd, **overrides)  # (checks the state dict against the config it infers)
         except CheckpointError as e:
             raise CheckpointError(f"{p}: {e}") from None
-        with torch.device("meta"):
-            model = DiffusionRig(config)
+    with torch.device("meta"):
+        model = DiffusionRig(config)
+    if CONFIG_KEY in meta:
+        check_state_dict(sd, config, what=str(p), model=model)
     sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.eval()
@@ -351,13 +350,12 @@ class ModelFile:
         if meta:
             self.header[METADATA_KEY] = json.dumps(meta, default=str)
 
-    def save(self, path: str | os.PathLike, atomic: bool = True) -> Written:
-        """Write the file; ``atomic=False`` inside a folder that is renamed into place as a whole."""
-        from .files import atomic_save_safetensors, save_safetensors
+    def save(self, path: str | os.PathLike) -> Written:
+        """Write the file atomically (a checkpoint writes ``tensors`` and ``header`` into its own
+        temporary folder instead)."""
+        from .files import atomic_save_safetensors
 
-        if atomic:
-            return atomic_save_safetensors(self.tensors, path, self.header)
-        return save_safetensors(path, self.tensors, self.header)
+        return atomic_save_safetensors(self.tensors, path, self.header)
 
 
 def save_model(model: DiffusionRig, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:

@@ -1131,8 +1131,8 @@ class Trainer:
         if main:
             total = time.perf_counter() - t_start
             print(f"trained {self.step - first} steps in {_format_seconds(total)}", file=sys.stderr)
-        path = self.save_final()  # while the last checkpoint is still being written
-        self.wait_for_checkpoint()
+        path = self.save_final()
+        self.wait_for_checkpoint()  # (save_final waited already when it linked the checkpoint's files)
         return path
 
     def _global_mean(self, value: float) -> float:
