@@ -398,9 +398,16 @@ class UNetModel(nn.Module):
         latent = latent.to(dtype)
         if self.fused:
             emb = self._film_table(emb, latent)
-        h = torch.cat([x, buffers], dim=1).to(dtype)
-        skips = []
-        for block in self.input_blocks:
+        if self.fused:
+            from .fused import input_conv
+
+            conv = self.input_blocks[0][0]
+            h = input_conv(x, buffers, conv.weight, conv.bias)
+            skips, blocks = [h], self.input_blocks[1:]
+        else:
+            h = torch.cat([x, buffers], dim=1).to(dtype)
+            skips, blocks = [], self.input_blocks
+        for block in blocks:
             h = block(h, emb, latent)
             skips.append(h)
         h = self.middle_block(h, emb, latent)

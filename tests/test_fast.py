@@ -236,6 +236,29 @@ def test_graphed_denoiser_is_reused_for_new_conditions_of_the_same_shape(setup):
     assert torch.allclose(second(x, tt), direct, atol=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_dropped_denoiser_and_its_graphs_are_collected_before_the_next_capture_not_during_it(setup):
+    import gc
+    import weakref
+
+    from diffusionrig_core.fast import CapturedStep
+
+    model, x0, buffers, noise, t, latent, x_t, ref = setup
+    fast = enable_fast_path(_fresh_copy(model).cuda().eval())
+    graph = weakref.ref(fast.graphed(buffers.cuda(), latent.cuda(), x_t.cuda()))
+    del fast  # the denoiser and its graphs refer to each other: only the cycle collector frees them
+    seen = []
+
+    def step(x):
+        seen.append((graph() is None, gc.isenabled()))
+        return x * 2
+
+    captured = CapturedStep(step, warmup=0)
+    assert torch.equal(captured(torch.ones(4, device="cuda")), torch.full((4,), 2.0, device="cuda"))
+    assert seen == [(True, False)]  # collected before the capture, the collector off during it
+    assert gc.isenabled()
+
+
 def test_bench_model_section_runs_on_the_cpu_with_the_tiny_model():
     from diffusionrig_core import bench
 

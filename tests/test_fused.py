@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusionrig_core.fused import (bias_add, concat_channels, dropout_mask, norm_affine_silu, norm_affine_silu_conv,
+from diffusionrig_core.fused import (bias_add, concat_channels, dropout_mask, input_conv, norm_affine_silu, norm_affine_silu_conv,
                                      resample2x, triton_available)
 
 
@@ -169,6 +169,35 @@ def _concat_check(device: str, whole_gradients: bool) -> None:
     assert torch.equal(da, w[:, :6]) and torch.equal(db, w[:, 6:])
     if whole_gradients:  # (not two channel slices of one gradient)
         assert da.is_contiguous(memory_format=torch.channels_last) and db.is_contiguous(memory_format=torch.channels_last)
+
+
+def _input_conv_check(device: str, channels_last: bool) -> float:
+    """input_conv against conv2d(cat(a, b)) + bias; the worst relative error of output and gradients."""
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(2, 3, 7, 5, generator=g), torch.rand(2, 9, 7, 5, generator=g)
+    if channels_last:
+        a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+    conv = torch.nn.Conv2d(12, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.bias.copy_(torch.randn(8, generator=g))  # (large enough to matter at the border)
+    a, b, conv = a.to(device), b.to(device), conv.to(device)
+    out = input_conv(a, b, conv.weight, conv.bias)
+    ref = conv(torch.cat([a, b], 1))
+    w = torch.randn(ref.shape, generator=g).to(device)
+    grads = zip(torch.autograd.grad((out * w).sum(), (conv.weight, conv.bias)),
+                torch.autograd.grad((ref * w).sum(), (conv.weight, conv.bias)))
+    return max(float((x - y).norm() / y.norm()) for x, y in [(out, ref), *grads])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_input_conv_equals_the_biased_convolution_of_the_concatenated_inputs(channels_last):
+    assert _input_conv_check("cpu", channels_last) < 1e-6
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+def test_triton_input_conv_equals_the_biased_convolution_of_the_concatenated_inputs():
+    torch.backends.cudnn.allow_tf32 = False
+    assert max(_input_conv_check("cuda", cl) for cl in (False, True)) < 1e-5
 
 
 def test_concat_channels_equals_torch_cat_forward_and_backward():
