@@ -200,6 +200,32 @@ def test_triton_input_conv_equals_the_biased_convolution_of_the_concatenated_inp
     assert max(_input_conv_check("cuda", cl) for cl in (False, True)) < 1e-5
 
 
+def _handed_sums_check(device: str) -> float:
+    """bias_add's output and a concatenation of two of them carry the channel sums the next norm
+    would take; changing the tensor in place drops them. The worst relative error of those sums."""
+    from diffusionrig_core import fused
+
+    g = torch.Generator().manual_seed(8)
+    h, r = (torch.randn(2, 64, 9, 7, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+            for _ in range(2))
+    y = bias_add(h, torch.randn(64, generator=g).to(device), r)
+    z = concat_channels(y, bias_add(r, torch.randn(64, generator=g).to(device)))
+    worst = 0.0
+    for t in (y, z):
+        kept = fused._known_sums(t)
+        assert kept is not None
+        for s, want in zip(kept, (t.double().sum((2, 3)), t.double().square().sum((2, 3)))):
+            worst = max(worst, float((s.double().sum(1) - want).norm() / want.norm()))
+    y.mul_(2)
+    assert fused._known_sums(y) is None
+    return worst
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+def test_bias_add_and_concat_hand_their_outputs_channel_sums_to_the_next_norm():
+    assert _handed_sums_check("cuda") < 1e-5
+
+
 def test_concat_channels_equals_torch_cat_forward_and_backward():
     _concat_check("cpu", whole_gradients=False)
 
