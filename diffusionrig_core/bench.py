@@ -144,6 +144,9 @@ def make_train_step(model, fast: bool, compile_mode: str | None = None, lr: floa
 
 def bench_train(opts: BenchOptions, batch: int, fast: bool) -> Row:
     device = torch.device(opts.device)
+    if fast and device.type == "cuda":
+        # as train.Trainer does: without cuDNN's search, batch 32 ran ~3 % slower on one H100
+        torch.backends.cudnn.benchmark = True
     model = _build_model(opts, device)
     compile_mode = opts.extra.get("train_compile", "none") if fast else None
     compile_mode = {"none": None, "default": True}.get(compile_mode, compile_mode)
