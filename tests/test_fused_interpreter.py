@@ -25,6 +25,22 @@ SCRIPT = textwrap.dedent('''
     fused._multiprocessors = lambda index: 2  # several chunks per channel even on tiny inputs
     import test_fused as T
 
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _count(out_ptr, n, STEP: tl.constexpr):
+        total = 0
+        for _ in tl.range(0, n, STEP):
+            total += 1
+        tl.store(out_ptr, total)
+
+    try:  # older interpreters (Triton 3.6) cannot loop up to a bound passed in as an argument
+        _count[(1,)](torch.zeros(1, dtype=torch.int32), 5, STEP=2)
+    except Exception as exc:
+        print("SKIP", f"Triton {{triton.__version__}}'s interpreter cannot run the kernels' loops: {{exc!r}}"[:300])
+        sys.exit(0)
+
     def rel(a, b):
         return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
@@ -82,5 +98,7 @@ def test_triton_kernels_in_the_interpreter_equal_the_reference_forward_and_backw
     script = SCRIPT.format(root=str(root), tests=str(root / "tests"))
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    if run.stdout.startswith("SKIP"):
+        pytest.skip(run.stdout[5:].strip())
     worst = float(run.stdout.split("WORST")[-1])
     assert worst < 1e-5, worst
