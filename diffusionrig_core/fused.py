@@ -44,8 +44,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bias_add", "concat_channels", "dropout_mask", "input_conv", "norm_affine_silu", "norm_affine_silu_conv", "resample2x",
-           "search_convolutions_from", "triton_available"]
+__all__ = ["bias_add", "concat_channels", "dropout_mask", "input_conv", "norm_affine_silu", "norm_affine_silu_conv",
+           "resample2x", "search_convolutions_from", "triton_available"]
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds run the PyTorch fallback.
     import triton
@@ -703,8 +703,9 @@ class _NormAffineSiLUConv(torch.autograd.Function):
 
 def input_conv(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``conv2d(cat([a, b], 1), weight, bias, padding=k // 2)`` as one bias-free convolution over
-    the two inputs, a channel of ones and zero channels up to a multiple of 8, the bias held by
-    the ones channel's centre tap (the centre tap never reads padding, so every pixel gets it).
+    the two inputs, a channel of ones and zero channels up to the next power of two (16 for the
+    UNet's 12), the bias held by the ones channel's centre tap (the centre tap never reads padding,
+    so every pixel gets it).
 
     The UNet's first convolution sees 12 channels (noisy image and buffers): 24 bytes a pixel in
     bf16, too narrow for cuDNN's fast kernels, and PyTorch then added the bias in a strided pass
