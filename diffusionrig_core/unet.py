@@ -397,10 +397,9 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         latent = latent.to(dtype)
         if self.fused:
-            emb = self._film_table(emb, latent)
-        if self.fused:
             from .fused import input_conv
 
+            emb = self._film_table(emb, latent)
             conv = self.input_blocks[0][0]
             h = input_conv(x, buffers, conv.weight, conv.bias)
             skips, blocks = [h], self.input_blocks[1:]
