@@ -44,8 +44,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bias_add", "concat_channels", "dropout_mask", "input_conv", "norm_affine_silu", "norm_affine_silu_conv",
-           "resample2x", "search_convolutions_from", "triton_available"]
+__all__ = ["ChannelPair", "bias_add", "concat_channels", "dropout_mask", "input_conv", "norm_affine_silu",
+           "norm_affine_silu_conv", "resample2x", "search_convolutions_from", "skip_add", "triton_available"]
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds run the PyTorch fallback.
     import triton
@@ -264,19 +264,25 @@ if triton is not None:
             tl.store(dbeta_ptr + ch, acc_beta, mask=cm)
 
     @triton.jit
-    def _apply_kernel(x_ptr, dy_ptr, a_ptr, c_ptr, u_ptr, v_ptr, mask_ptr, e_ptr, y_ptr, n, C, HW, scale,
-                      CHANNELS_LAST: tl.constexpr, BACKWARD: tl.constexpr, HAS_MASK: tl.constexpr,
-                      HAS_EXTRA: tl.constexpr, BLOCK: tl.constexpr):
+    def _apply_kernel(x_ptr, x2_ptr, dy_ptr, a_ptr, c_ptr, u_ptr, v_ptr, mask_ptr, e_ptr, y_ptr, n, C, C1, HW, scale,
+                      CHANNELS_LAST: tl.constexpr, PAIR: tl.constexpr, BACKWARD: tl.constexpr,
+                      HAS_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK: tl.constexpr):
         # Elementwise over the flat tensor; the (b, c) coefficients are gathered from small tables.
         # Forward: y = SiLU(a x + c) (times the dropout mask); backward: dx = a dz + u x + v (+ e, a
-        # gradient of x from elsewhere).
+        # gradient of x from elsewhere). PAIR: x is the channel concatenation of two channels_last
+        # tensors of C1 and C - C1 channels (a ChannelPair), read where they lie.
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = off < n
         if CHANNELS_LAST:
             bc = (off // (HW * C)) * C + off % C
         else:
             bc = off // HW
-        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        if PAIR:
+            ch, pixel = off % C, off // C
+            x = tl.load(x_ptr + pixel * C1 + ch, mask=m & (ch < C1), other=0.0).to(tl.float32)
+            x += tl.load(x2_ptr + pixel * (C - C1) + (ch - C1), mask=m & (ch >= C1), other=0.0).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + bc, mask=m, other=0.0)
         c = tl.load(c_ptr + bc, mask=m, other=0.0)
         y, g = _silu_and_grad(x * a + c)
@@ -336,6 +342,69 @@ if triton is not None:
         out = (b * tl.num_programs(2) + k) * C + ch
         tl.store(out1_ptr + out, tl.sum(acc1, axis=0), mask=cmask)
         tl.store(out2_ptr + out, tl.sum(acc2, axis=0), mask=cmask)
+
+    @triton.jit
+    def _skip_add_kernel(a_ptr, s_ptr, w_ptr, h_ptr, bias_ptr, y_ptr, out1_ptr, out2_ptr, CA, CS, N,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                         STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        # y = h + bias + [a | s] @ w over channels_last pixel rows: a residual block's output with its
+        # 1x1 skip convolution over a ChannelPair, in float32 and rounded once, and the partial
+        # channel sums of y (as rounded) for the next norm. w is the (N, CA + CS) weight. A row block (BLOCK_M
+        # pixels) never straddles two images, so program row i is sums chunk i (and needs no mask).
+        pid_m = tl.program_id(0)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in tl.range(0, CA, BLOCK_K, num_stages=STAGES):
+            kk = k + tl.arange(0, BLOCK_K)
+            kmask = (kk < CA) | EVEN_K
+            x = tl.load(a_ptr + rows[:, None] * CA + kk[None, :], mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * (CA + CS) + kk[:, None], mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        for k in tl.range(0, CS, BLOCK_K, num_stages=STAGES):
+            kk = k + tl.arange(0, BLOCK_K)
+            kmask = (kk < CS) | EVEN_K
+            x = tl.load(s_ptr + rows[:, None] * CS + kk[None, :], mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * (CA + CS) + CA + kk[:, None], mask=kmask[:, None] & nmask[None, :],
+                        other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        idx = rows[:, None] * N + cols[None, :]
+        y = acc + tl.load(h_ptr + idx, mask=nmask[None, :], other=0.0).to(tl.float32)
+        y += tl.load(bias_ptr + cols, mask=nmask, other=0.0)[None, :]
+        y = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + idx, y, mask=nmask[None, :])
+        y = tl.where(nmask[None, :], y.to(tl.float32), 0.0)
+        tl.store(out1_ptr + pid_m * N + cols, tl.sum(y, axis=0), mask=nmask)
+        tl.store(out2_ptr + pid_m * N + cols, tl.sum(y * y, axis=0), mask=nmask)
+
+    @triton.jit
+    def _join_sums_kernel(a1_ptr, a2_ptr, b1_ptr, b2_ptr, out1_ptr, out2_ptr, CA, CB, chunks_a, chunks_b,
+                          BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+        # The channel sums of a concatenation from its halves' partial sums: (B, 1, CA + CB) out of
+        # (B, chunks_a, CA) and (B, chunks_b, CB), both sums in one launch, BLOCK_K chunks a step.
+        b = tl.program_id(0)
+        ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        in_a = ch < CA
+        in_b = (ch >= CA) & (ch < CA + CB)
+        s1 = tl.zeros((BLOCK_K, BLOCK_C), tl.float32)
+        s2 = tl.zeros((BLOCK_K, BLOCK_C), tl.float32)
+        for k0 in range(0, chunks_a, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            m = (k < chunks_a)[:, None] & in_a[None, :]
+            idx = (b * chunks_a + k)[:, None] * CA + ch[None, :]
+            s1 += tl.load(a1_ptr + idx, mask=m, other=0.0)
+            s2 += tl.load(a2_ptr + idx, mask=m, other=0.0)
+        for k0 in range(0, chunks_b, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            m = (k < chunks_b)[:, None] & in_b[None, :]
+            idx = (b * chunks_b + k)[:, None] * CB + (ch - CA)[None, :]
+            s1 += tl.load(b1_ptr + idx, mask=m, other=0.0)
+            s2 += tl.load(b2_ptr + idx, mask=m, other=0.0)
+        out = b * (CA + CB) + ch
+        tl.store(out1_ptr + out, tl.sum(s1, axis=0), mask=in_a | in_b)
+        tl.store(out2_ptr + out, tl.sum(s2, axis=0), mask=in_a | in_b)
 
     @triton.jit
     def _copy_rows_kernel(src_ptr, dst_ptr, rows, cols, s_src, s_dst, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -456,26 +525,33 @@ def _small(x: torch.Tensor, *like: int) -> torch.Tensor:
 def _coefficients_triton(x, A, C, beta, groups: int, eps: float):
     B, ch = x.shape[:2]
     cpg = ch // groups
-    p1, p2 = _known_sums(x) or _partial_sums(x)
+    p1, p2 = x.sums() if isinstance(x, ChannelPair) else _known_sums(x) or _partial_sums(x)
     a, c = _small(x, B, ch), _small(x, B, ch)
     mean, rstd = _small(x, B, groups), _small(x, B, groups)
     raw = _small(x, B, ch) if beta is not None else None
     _coef_kernel[(B, groups)](p1, p2, A, C, a if beta is None else beta, a, c, mean, rstd, a if raw is None else raw,
-                              ch, A.stride(0), p1.shape[1], cpg, float(x[0, 0].numel()), eps, HAS_BETA=beta is not None,
+                              ch, A.stride(0), p1.shape[1], cpg, float(x.shape[2:].numel()), eps, HAS_BETA=beta is not None,
                               **_group_blocks(p1, cpg), num_warps=1)
     return a, c, mean, rstd, raw
 
 
 def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=None, extra=None):
+    pair = isinstance(x, ChannelPair)
+    if pair:  # (forward only: a ChannelPair exists without autograd)
+        first, second = x.first, x.second
+        y = torch.empty(x.shape, device=first.device, dtype=first.dtype, memory_format=torch.channels_last)
+    else:
+        first = second = x
+        y = torch.empty_like(x)  # keeps x's memory format
     C = x.shape[1]
-    y = torch.empty_like(x)  # keeps x's memory format
-    n = x.numel()
+    n = y.numel()
     block = 2048
     backward = dy is not None
     _apply_kernel[(triton.cdiv(n, block),)](
-        x, dy if backward else x, a, c, u if backward else a, v if backward else a, x if mask is None else mask,
-        x if extra is None else extra, y, n, C, x[0, 0].numel(), scale, CHANNELS_LAST=_is_channels_last(x),
-        BACKWARD=backward, HAS_MASK=mask is not None, HAS_EXTRA=extra is not None, BLOCK=block, num_warps=8)
+        first, second, dy if backward else first, a, c, u if backward else a, v if backward else a,
+        first if mask is None else mask, first if extra is None else extra, y, n, C, first.shape[1],
+        x.shape[2:].numel(), scale, CHANNELS_LAST=pair or _is_channels_last(x), PAIR=pair, BACKWARD=backward,
+        HAS_MASK=mask is not None, HAS_EXTRA=extra is not None, BLOCK=block, num_warps=8)
     return y
 
 
@@ -513,6 +589,31 @@ def _bias_add_triton(h, bias, residual=None):
         h, h if residual is None else residual, bias, y, n, h.shape[1], h[0, 0].numel(),
         CHANNELS_LAST=_is_channels_last(h), HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=8)
     return y
+
+
+def _skip_add_block(hw: int) -> int:
+    """The pixel rows of a ``_skip_add_kernel`` program: a power of two that divides an image's
+    pixels (so each program's sums belong to one image), 128 at most, 16 at least (``tl.dot``); 0
+    when there is none."""
+    block = min(128, hw & -hw)
+    return block if block >= 16 else 0
+
+
+def _skip_add_triton(h: torch.Tensor, bias: torch.Tensor, x: "ChannelPair", weight: torch.Tensor) -> torch.Tensor:
+    B, N, H, W = h.shape
+    CA, CS = x.first.shape[1], x.second.shape[1]
+    block_m = _skip_add_block(H * W)
+    w = weight.to(h.dtype).reshape(N, CA + CS)  # (a 1x1 weight is one matrix in either memory format)
+    y = torch.empty_like(h)
+    chunks = H * W // block_m
+    out1 = torch.empty((B, chunks, N), device=h.device, dtype=torch.float32)
+    out2 = torch.empty_like(out1)
+    block_n, block_k = min(128, triton.next_power_of_2(N)), 64
+    _skip_add_kernel[(B * chunks, triton.cdiv(N, block_n))](
+        x.first, x.second, w, h, bias, y, out1, out2, CA, CS, N, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=CA % block_k == CS % block_k == 0, STAGES=3,
+        PRECISION="ieee" if h.dtype == torch.float32 else "tf32", num_warps=4)  # (float32: no TF32 rounding)
+    return _remember_sums(y, out1, out2)
 
 
 def _copy_channels_triton(src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -771,17 +872,73 @@ class _ConcatChannels(torch.autograd.Function):
         return da, db
 
 
+def _joined_sums(sums_a, sums_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial channel sums of a channel concatenation from those of its two halves (in one
+    kernel on CUDA: the reductions and concatenations in PyTorch were six small kernels a join,
+    0.4 ms of a batch-16 forward of the 256 model on an H100)."""
+    (a1, a2), (b1, b2) = sums_a, sums_b
+    if not _use_triton(a1):
+        return tuple(torch.cat([pa.sum(1, keepdim=True), pb.sum(1, keepdim=True)], dim=2)  # type: ignore[return-value]
+                     for pa, pb in zip(sums_a, sums_b))
+    B, CA, CB = a1.shape[0], a1.shape[2], b1.shape[2]
+    out1 = torch.empty((B, 1, CA + CB), device=a1.device, dtype=torch.float32)
+    out2 = torch.empty_like(out1)
+    block = 64
+    _join_sums_kernel[(B, triton.cdiv(CA + CB, block))](a1, a2, b1, b2, out1, out2, CA, CB, a1.shape[1], b1.shape[1],
+                                                        BLOCK_K=32, BLOCK_C=block, num_warps=4)
+    return out1, out2
+
+
+def _concatenable(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (_use_triton(a) and a.dtype == b.dtype and a.ndim == 4 and a.shape[2:] == b.shape[2:]
+            and _is_channels_last(a) and _is_channels_last(b))
+
+
 def concat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.cat([a, b], dim=1)``; for channels_last CUDA tensors in one tiled pass each way, the
     two gradients returned laid out like their inputs (``_ConcatChannels``)."""
-    if _use_triton(a) and a.dtype == b.dtype and a.ndim == 4 and _is_channels_last(a) and _is_channels_last(b):
+    if _concatenable(a, b):
         out = _ConcatChannels.apply(a, b)
         sums_a, sums_b = _known_sums(a), _known_sums(b)
         if sums_a is not None and sums_b is not None:  # the decoder's norm then reads neither again
-            _remember_sums(out, *(torch.cat([pa.sum(1, keepdim=True), pb.sum(1, keepdim=True)], dim=2)
-                                  for pa, pb in zip(sums_a, sums_b)))
+            _remember_sums(out, *_joined_sums(sums_a, sums_b))
         return out
     return torch.cat([a, b], dim=1)
+
+
+class ChannelPair:
+    """``torch.cat([first, second], dim=1)`` left unwritten: the decoder's skip concatenation in
+    inference, read in place by the two ops of a fused ResBlock that consume it, its first norm
+    (``norm_affine_silu_conv``) and its 1x1 skip convolution (``skip_add``).
+
+    Writing the concatenation and reading it back cost a full pass over both halves per decoder
+    block, and the skip convolution's output one more (written, then read by the residual add).
+    Only without autograd (sampling): training keeps ``concat_channels``, whose backward needs
+    the concatenation anyway. Anything else that meets a pair calls ``joined()``."""
+
+    def __init__(self, first: torch.Tensor, second: torch.Tensor):
+        self.first, self.second = first, second
+
+    @staticmethod
+    def possible(first: torch.Tensor, second: torch.Tensor) -> bool:
+        """Whether the fused ops can read these two tensors as a pair: channels_last on CUDA with
+        Triton, one dtype, one spatial size, and no gradient to compute."""
+        return not (torch.is_grad_enabled() and (first.requires_grad or second.requires_grad)) and _concatenable(
+            first, second)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.first.shape[0], self.first.shape[1] + self.second.shape[1], *self.first.shape[2:]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.first.device
+
+    def joined(self) -> torch.Tensor:
+        return concat_channels(self.first, self.second)
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _joined_sums(*((_known_sums(t) or _partial_sums(t)) for t in (self.first, self.second)))
 
 
 class _Resample2x(torch.autograd.Function):
@@ -860,8 +1017,8 @@ def norm_affine_silu(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Ten
     return _NormAffineSiLU.apply(*_prepare(x, groups, A, C), groups, eps, passthrough)
 
 
-def norm_affine_silu_conv(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, weight: torch.Tensor,
-                          bias: torch.Tensor | None = None, *, dropout: float = 0.0, eps: float = 1e-5,
+def norm_affine_silu_conv(x: "torch.Tensor | ChannelPair", groups: int, A: torch.Tensor, C: torch.Tensor,
+                          weight: torch.Tensor, bias: torch.Tensor | None = None, *, dropout: float = 0.0, eps: float = 1e-5,
                           x_bias: torch.Tensor | None = None, recompute: bool = True,
                           passthrough: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``conv2d(dropout(norm_affine_silu(x + x_bias, groups, A, C)), weight, bias)``, keeping only
@@ -874,11 +1031,40 @@ def norm_affine_silu_conv(x: torch.Tensor, groups: int, A: torch.Tensor, C: torc
     recomputes the convolution's input from ``x`` (one elementwise pass) instead of keeping it (one
     more activation per call: at 256 x 256 about 0.4 GiB an image over the UNet). ``passthrough``:
     also return ``x`` itself (a view) for a residual connection, whose gradient then joins this op's
-    backward pass instead of being added to it by autograd in a pass of its own.
+    backward pass instead of being added to it by autograd in a pass of its own. ``x`` a
+    ChannelPair (inference): its halves are read in place; passed through as the pair.
     """
+    if isinstance(x, ChannelPair):
+        if not dropout and x_bias is None:
+            return _pair_norm_affine_silu_conv(x, groups, A, C, weight, bias, eps, passthrough)
+        x = x.joined()
     x, A, C = _prepare(x, groups, A, C)
     beta = None if x_bias is None else x_bias.float()
     return _NormAffineSiLUConv.apply(x, A, C, beta, groups, eps, weight, bias, float(dropout), recompute, passthrough)
+
+
+def _pair_norm_affine_silu_conv(x: ChannelPair, groups: int, A: torch.Tensor, C: torch.Tensor, weight: torch.Tensor,
+                                bias: torch.Tensor | None, eps: float, passthrough: bool):
+    # _NormAffineSiLUConv's forward over the pair's two halves (no autograd: nothing is kept)
+    if x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} channels are not divisible into {groups} groups")
+    A, C = _rows(A.float(), C.float(), x.shape[0])
+    a, c, *_ = _coefficients_triton(x, A, C, None, groups, eps)
+    y = _apply_triton(x, a, c)
+    with _cudnn_search_for(y.shape[-2]):
+        out = F.conv2d(y, weight.to(y.dtype), None if bias is None else bias.to(y.dtype), padding=weight.shape[-1] // 2)
+    return (out, x) if passthrough else out
+
+
+def skip_add(h: torch.Tensor, bias: torch.Tensor, x: "torch.Tensor | ChannelPair", weight: torch.Tensor) -> torch.Tensor:
+    """``h + bias[c] + conv2d(x, weight)`` for a 1x1 ``weight``: a residual block's output with its
+    skip convolution. ``x`` a ChannelPair: one pass over both halves and ``h`` (``_skip_add_kernel``),
+    which also leaves the output's channel sums for the next norm."""
+    if isinstance(x, ChannelPair):
+        if _skip_add_block(h.shape[2] * h.shape[3]) and _is_channels_last(h):
+            return _skip_add_triton(h, bias.float().contiguous(), x, weight)
+        x = x.joined()
+    return bias_add(h, bias, F.conv2d(x, weight))
 
 
 def bias_add(h: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,11 +17,14 @@ whole network runs under bf16 autocast in the fast path (``fast.py``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .fused import ChannelPair
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -112,8 +115,10 @@ class ResBlock(nn.Module):
             return F.avg_pool2d(x, kernel_size=2, stride=2)
         return x
 
-    def forward(self, x: torch.Tensor, emb: "torch.Tensor | FiLMTable", z: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.use_scale_shift_norm:
+    def forward(self, x: "torch.Tensor | ChannelPair", emb: "torch.Tensor | FiLMTable", z: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) and not self._reads_pairs():
+            x = x.joined()  # (a decoder input left unconcatenated: see UNetModel._concat)
+        if self._fused_path():
             return self._forward_fused(x, *(emb[self] if isinstance(emb, FiLMTable) else self.film(emb, z)))
         if self.up or self.down:
             norm, act, conv = self.in_layers
@@ -135,6 +140,13 @@ class ResBlock(nn.Module):
         h = out_rest(h)
         return self.skip_connection(x) + h
 
+    def _fused_path(self) -> bool:
+        return self.fused and self.use_scale_shift_norm
+
+    def _reads_pairs(self) -> bool:
+        # the fused block of a decoder level: its first norm and its skip convolution read both halves
+        return self._fused_path() and not (self.up or self.down) and isinstance(self.skip_connection, nn.Conv2d)
+
     def film(self, emb: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The output norm's affine map and both FiLMs as one (B, C) scale and shift in float32:
         ``norm(h) * gamma + beta``, then ``* (1 + s_t) + b_t``, then ``* (1 + s_z) + b_z``."""
@@ -148,7 +160,7 @@ class ResBlock(nn.Module):
         conv; the backward keeps only the norms' inputs (fused.py). The convolutions run without
         their biases: the first one's is folded into the second norm, the second one's (and the skip
         convolution's) is added together with the residual in one pass."""
-        from .fused import bias_add, norm_affine_silu, norm_affine_silu_conv  # (Triton on CUDA: only when used)
+        from .fused import bias_add, norm_affine_silu, norm_affine_silu_conv, skip_add  # (Triton: only when used)
 
         norm1, _, conv1 = self.in_layers
         # x comes back as a view for the residual: both its gradients are summed in one pass
@@ -164,7 +176,7 @@ class ResBlock(nn.Module):
                                   dropout=dropout.p if self.training else 0.0, eps=norm2.eps, recompute=self.recompute)
         if isinstance(self.skip_connection, nn.Conv2d):
             skip = self.skip_connection
-            return bias_add(h, conv2.bias + skip.bias, F.conv2d(x, skip.weight))
+            return skip_add(h, conv2.bias + skip.bias, x, skip.weight)
         return bias_add(h, conv2.bias, x)
 
 
@@ -382,11 +394,12 @@ class UNetModel(nn.Module):
             cache[key] = FiLMTable.column_order(blocks).to(emb.device)
         return FiLMTable(blocks, emb, latent, cache[key])
 
-    def _concat(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    def _concat(self, h: torch.Tensor, skip: torch.Tensor) -> "torch.Tensor | ChannelPair":
         if self.fused:  # (its gradients come back as two tensors, not two slices of one)
-            from .fused import concat_channels
+            from .fused import ChannelPair, concat_channels
 
-            return concat_channels(h, skip)
+            # in inference the decoder block reads the two halves where they are
+            return ChannelPair(h, skip) if ChannelPair.possible(h, skip) else concat_channels(h, skip)
         return torch.cat([h, skip], dim=1)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:

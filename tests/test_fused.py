@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusionrig_core.fused import (bias_add, concat_channels, dropout_mask, input_conv, norm_affine_silu, norm_affine_silu_conv,
-                                     resample2x, triton_available)
+from diffusionrig_core.fused import (ChannelPair, bias_add, concat_channels, dropout_mask, input_conv, norm_affine_silu,
+                                     norm_affine_silu_conv, resample2x, skip_add, triton_available)
 
 
 def reference(x, groups, A, C, eps=1e-5):
@@ -226,6 +226,54 @@ def test_bias_add_and_concat_hand_their_outputs_channel_sums_to_the_next_norm():
     assert _handed_sums_check("cuda") < 1e-5
 
 
+def _channel_pair_check(device: str, dtype=torch.float32) -> float:
+    """A decoder block's two ops over a ChannelPair (its first norm + conv, its skip convolution with
+    bias and residual) against the same ops on the written concatenation, and the output's handed
+    channel sums against its own; the worst relative error."""
+    from diffusionrig_core import fused
+
+    g = torch.Generator().manual_seed(9)
+    cl = torch.channels_last
+    worst = 0.0
+    for (ca, cs, out_ch), (hgt, wid) in (((64, 32, 32), (8, 4)), ((96, 64, 160), (4, 4))):
+        a, s, h = (torch.randn(2, c, hgt, wid, generator=g).to(device, dtype).contiguous(memory_format=cl)
+                   for c in (ca, cs, out_ch))
+        A, C = 1 + 0.3 * torch.randn(2, ca + cs, generator=g), 0.3 * torch.randn(2, ca + cs, generator=g)
+        conv_w, skip_w = (0.05 * torch.randn(out_ch, ca + cs, k, k, generator=g) for k in (3, 1))
+        bias = torch.randn(out_ch, generator=g)
+        A, C, conv_w, skip_w, bias = (t.to(device) for t in (A, C, conv_w, skip_w, bias))
+        joined = torch.cat([a, s], 1).contiguous(memory_format=cl)
+        with torch.no_grad():
+            pair = ChannelPair(a, s)
+            assert ChannelPair.possible(a, s)
+            out, passed = norm_affine_silu_conv(pair, 32, A, C, conv_w.to(dtype), passthrough=True)
+            ref = norm_affine_silu_conv(joined, 32, A, C, conv_w.to(dtype))
+            y = skip_add(h, bias, passed, skip_w.to(dtype))
+            y_ref = (h.double() + bias.double()[:, None, None] + F.conv2d(joined.double(), skip_w.double()))
+        assert passed is pair and y.is_contiguous(memory_format=cl)
+        worst = max(worst, float((out - ref).norm() / ref.norm()), float((y.double() - y_ref).norm() / y_ref.norm()))
+        kept = fused._known_sums(y)
+        assert kept is not None
+        for total, want in zip(kept, (y.double().sum((2, 3)), y.double().square().sum((2, 3)))):
+            worst = max(worst, float((total.double().sum(1) - want).norm() / want.norm()))
+    return worst
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+def test_a_channel_pair_reads_like_its_concatenation_in_the_decoder_blocks_norm_and_skip_convolution():
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert _channel_pair_check("cuda") < 1e-5
+    assert _channel_pair_check("cuda", torch.bfloat16) < 2e-2  # (the skip sum rounded once, to bf16)
+
+
+def test_a_channel_pair_is_only_made_where_no_gradient_is_needed():
+    a, s = (torch.randn(1, 32, 4, 4).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    assert not ChannelPair.possible(a, s)  # (the CPU: no Triton kernels read it)
+    pair = ChannelPair(a, s)
+    assert torch.equal(pair.joined(), torch.cat([a, s], 1)) and pair.shape == (1, 64, 4, 4)
+
+
 def test_concat_channels_equals_torch_cat_forward_and_backward():
     _concat_check("cpu", whole_gradients=False)
 
@@ -348,6 +396,9 @@ def test_unet_on_the_gpu_with_triton_kernels_equals_the_official_blocks():
     assert (out - ref).norm() / ref.norm() < 1e-4
     scale = max(float(v.abs().max()) for v in g_ref)
     assert max(float((a - b).abs().max()) for a, b in zip(g, g_ref)) < 1e-4 * scale
+    with torch.no_grad():  # inference: the decoder reads its skip concatenations as ChannelPairs
+        out = model.denoisingUNet(x, t, buffers, latent)
+    assert (out - ref).norm() / ref.norm() < 1e-4
 
 
 @pytest.mark.parametrize("up", [True, False])
