@@ -44,7 +44,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ChannelPair", "bias_add", "concat_channels", "dropout_mask", "input_conv", "norm_affine_silu",
+__all__ = ["ChannelPair", "bias_add", "block_resample", "concat_channels", "dropout_mask", "input_conv", "norm_affine_silu",
            "norm_affine_silu_conv", "resample2x", "search_convolutions_from", "skip_add", "triton_available"]
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU builds run the PyTorch fallback.
@@ -264,28 +264,48 @@ if triton is not None:
             tl.store(dbeta_ptr + ch, acc_beta, mask=cm)
 
     @triton.jit
-    def _apply_kernel(x_ptr, x2_ptr, dy_ptr, a_ptr, c_ptr, u_ptr, v_ptr, mask_ptr, e_ptr, y_ptr, n, C, C1, HW, scale,
-                      CHANNELS_LAST: tl.constexpr, PAIR: tl.constexpr, BACKWARD: tl.constexpr,
-                      HAS_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK: tl.constexpr):
+    def _source_pixel(p, W, UP: tl.constexpr):
+        # Output pixel p (flat over the batch) of a 2x resampling to width W: UP, the pixel it copies;
+        # else the top left of the 2 x 2 window it averages (the others: +1, +2W, +2W + 1).
+        if UP:
+            return (p // W) // 2 * (W // 2) + (p % W) // 2
+        else:
+            return (p // W) * 4 * W + 2 * (p % W)
+
+    @triton.jit
+    def _apply_kernel(x_ptr, x2_ptr, dy_ptr, a_ptr, c_ptr, u_ptr, v_ptr, mask_ptr, e_ptr, y_ptr, n, C, C1, HW, W,
+                      scale, CHANNELS_LAST: tl.constexpr, PAIR: tl.constexpr, RESAMPLE: tl.constexpr,
+                      BACKWARD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, BLOCK: tl.constexpr):
         # Elementwise over the flat tensor; the (b, c) coefficients are gathered from small tables.
         # Forward: y = SiLU(a x + c) (times the dropout mask); backward: dx = a dz + u x + v (+ e, a
         # gradient of x from elsewhere). PAIR: x is the channel concatenation of two channels_last
-        # tensors of C1 and C - C1 channels (a ChannelPair), read where they lie.
+        # tensors of C1 and C - C1 channels (a ChannelPair), read where they lie. RESAMPLE (forward,
+        # channels_last): y is resampled 2x to (HW, width W): 1 up (nearest), 2 down (2 x 2 mean).
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = off < n
         if CHANNELS_LAST:
             bc = (off // (HW * C)) * C + off % C
         else:
             bc = off // HW
-        if PAIR:
-            ch, pixel = off % C, off // C
-            x = tl.load(x_ptr + pixel * C1 + ch, mask=m & (ch < C1), other=0.0).to(tl.float32)
-            x += tl.load(x2_ptr + pixel * (C - C1) + (ch - C1), mask=m & (ch >= C1), other=0.0).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + bc, mask=m, other=0.0)
         c = tl.load(c_ptr + bc, mask=m, other=0.0)
-        y, g = _silu_and_grad(x * a + c)
+        if RESAMPLE == 2:
+            src = _source_pixel(off // C, W, False) * C + off % C
+            y = tl.zeros((BLOCK,), tl.float32)
+            for j in tl.static_range(4):
+                x = tl.load(x_ptr + src + (j % 2) * C + (j // 2) * 2 * W * C, mask=m, other=0.0).to(tl.float32)
+                y += _silu_and_grad(x * a + c)[0]
+            y = 0.25 * y
+        else:
+            if PAIR:
+                ch, pixel = off % C, off // C
+                x = tl.load(x_ptr + pixel * C1 + ch, mask=m & (ch < C1), other=0.0).to(tl.float32)
+                x += tl.load(x2_ptr + pixel * (C - C1) + (ch - C1), mask=m & (ch >= C1), other=0.0).to(tl.float32)
+            elif RESAMPLE == 1:
+                x = tl.load(x_ptr + _source_pixel(off // C, W, True) * C + off % C, mask=m, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+            y, g = _silu_and_grad(x * a + c)
         if HAS_MASK:
             keep = tl.load(mask_ptr + off, mask=m, other=0).to(tl.float32) * scale
         if BACKWARD:
@@ -314,11 +334,12 @@ if triton is not None:
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _bias_add_sums_kernel(h_ptr, r_ptr, bias_ptr, y_ptr, out1_ptr, out2_ptr, C, HW, chunk,
-                              HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-                              STAGES: tl.constexpr):
+    def _bias_add_sums_kernel(h_ptr, r_ptr, bias_ptr, y_ptr, out1_ptr, out2_ptr, C, HW, W, chunk,
+                              HAS_RESIDUAL: tl.constexpr, RESAMPLE: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_HW: tl.constexpr, STAGES: tl.constexpr):
         # channels_last: _bias_add_kernel's y, tiled as _sums_kernel, with the partial channel sums
-        # of y (as rounded) for the norm that reads y next.
+        # of y (as rounded) for the norm that reads y next. RESAMPLE: the residual is read 2x
+        # resampled to y's size (width W; 1 up, 2 down, as _apply_kernel).
         b = tl.program_id(0)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         k = tl.program_id(2)
@@ -332,8 +353,17 @@ if triton is not None:
             m = (hw < HW)[:, None] & cmask[None, :]
             idx = base + hw[:, None].to(tl.int64) * C + ch[None, :]
             y = tl.load(h_ptr + idx, mask=m, other=0.0).to(tl.float32) + bias
-            if HAS_RESIDUAL:
+            if RESAMPLE == 0 and HAS_RESIDUAL:
                 y += tl.load(r_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            elif RESAMPLE > 0:
+                src = _source_pixel(b * HW + hw, W, RESAMPLE == 1).to(tl.int64)[:, None] * C + ch[None, :]
+                if RESAMPLE == 1:
+                    y += tl.load(r_ptr + src, mask=m, other=0.0).to(tl.float32)
+                else:
+                    r = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
+                    for j in tl.static_range(4):
+                        r += tl.load(r_ptr + src + (j % 2) * C + (j // 2) * 2 * W * C, mask=m, other=0.0).to(tl.float32)
+                    y += 0.25 * r
             y = y.to(y_ptr.dtype.element_ty)
             tl.store(y_ptr + idx, y, mask=m)
             y = tl.where(m, y.to(tl.float32), 0.0)
@@ -437,11 +467,10 @@ if triton is not None:
         off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = off < n
         c = off % C
-        p = off // C  # (b H + y) W + x
+        src = _source_pixel(off // C, W, UP) * C + c
         if UP:
-            v = tl.load(src_ptr + ((p // W) // 2 * (W // 2) + (p % W) // 2) * C + c, mask=m, other=0.0).to(tl.float32)
+            v = tl.load(src_ptr + src, mask=m, other=0.0).to(tl.float32)
         else:
-            src = ((p // W) * 4 * W + 2 * (p % W)) * C + c  # row 2 (b H + y), column 2 x of src
             row = 2 * W * C
             v = tl.load(src_ptr + src, mask=m, other=0.0).to(tl.float32)
             v += tl.load(src_ptr + src + C, mask=m, other=0.0).to(tl.float32)
@@ -535,13 +564,21 @@ def _coefficients_triton(x, A, C, beta, groups: int, eps: float):
     return a, c, mean, rstd, raw
 
 
-def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=None, extra=None):
+def _resampled_shape(x, resample: str | None) -> tuple[int, ...]:
+    B, C, H, W = x.shape
+    return {None: (B, C, H, W), "up": (B, C, 2 * H, 2 * W), "down": (B, C, H // 2, W // 2)}[resample]
+
+
+def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=None, extra=None,
+                  resample: str | None = None):
+    """The elementwise pass; ``resample`` ("up", "down", forward, channels_last): its output 2x
+    resampled as it is written (``_resample_triton`` of it, without writing it first)."""
     pair = isinstance(x, ChannelPair)
-    if pair:  # (forward only: a ChannelPair exists without autograd)
-        first, second = x.first, x.second
-        y = torch.empty(x.shape, device=first.device, dtype=first.dtype, memory_format=torch.channels_last)
+    first, second = (x.first, x.second) if pair else (x, x)  # (a ChannelPair: forward only, no autograd)
+    if pair or resample:
+        y = torch.empty(_resampled_shape(x, resample), device=first.device, dtype=first.dtype,
+                        memory_format=torch.channels_last)
     else:
-        first = second = x
         y = torch.empty_like(x)  # keeps x's memory format
     C = x.shape[1]
     n = y.numel()
@@ -550,8 +587,9 @@ def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=Non
     _apply_kernel[(triton.cdiv(n, block),)](
         first, second, dy if backward else first, a, c, u if backward else a, v if backward else a,
         first if mask is None else mask, first if extra is None else extra, y, n, C, first.shape[1],
-        x.shape[2:].numel(), scale, CHANNELS_LAST=pair or _is_channels_last(x), PAIR=pair, BACKWARD=backward,
-        HAS_MASK=mask is not None, HAS_EXTRA=extra is not None, BLOCK=block, num_warps=8)
+        y.shape[2:].numel(), y.shape[-1], scale, CHANNELS_LAST=pair or _is_channels_last(x), PAIR=pair,
+        RESAMPLE={None: 0, "up": 1, "down": 2}[resample], BACKWARD=backward, HAS_MASK=mask is not None,
+        HAS_EXTRA=extra is not None, BLOCK=block, num_warps=8)
     return y
 
 
@@ -570,19 +608,20 @@ def _backward_triton(x, dy, A, a, c, mean, rstd, beta, raw, groups: int, per_cha
     return _apply_triton(x, a, c, mask, scale, dy, u, v, extra), dA, dC, dbeta
 
 
-def _bias_add_sums_triton(h, bias, residual=None):
+def _bias_add_sums_triton(h, bias, residual=None, resample: str | None = None):
     y = torch.empty_like(h)
     # (it also writes: larger tiles and more programs than the sums alone; H100, batch 16 at 256:
     # 0.28 ms against 0.27 ms for the plain pass and 0.10 ms for the sums pass it saves)
     grid, out1, out2, chunk, tiles = _sums_grid(h, True, max_c=128, block_hw=64, per_sm=8, stages=2)
     _bias_add_sums_kernel[grid](h, h if residual is None else residual, bias, y, out1, out2, h.shape[1],
-                                h[0, 0].numel(), chunk, HAS_RESIDUAL=residual is not None, **tiles)
+                                h[0, 0].numel(), h.shape[-1], chunk, HAS_RESIDUAL=residual is not None,
+                                RESAMPLE={None: 0, "up": 1, "down": 2}[resample], **tiles)
     return _remember_sums(y, out1, out2)
 
 
-def _bias_add_triton(h, bias, residual=None):
+def _bias_add_triton(h, bias, residual=None, resample: str | None = None):
     if _is_channels_last(h):
-        return _bias_add_sums_triton(h, bias, residual)
+        return _bias_add_sums_triton(h, bias, residual, resample)
     y = torch.empty_like(h)
     n, block = h.numel(), 2048
     _bias_add_kernel[(triton.cdiv(n, block),)](
@@ -703,23 +742,25 @@ def _backward(x, dy, A, a, c, mean, rstd, beta, raw, groups, use_triton, per_cha
 
 class _NormAffineSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, A, C, groups: int, eps: float, passthrough: bool):
+    def forward(ctx, x, A, C, groups: int, eps: float, passthrough: bool, resample: str | None):
         ctx.set_materialize_grads(False)
         use_triton = _use_triton(x)
         ctx.per_channel = A.ndim == 1
         A, C = _rows(A, C, x.shape[0])
         a, c, mean, rstd, _ = _coefficients(x, A, C, None, groups, eps, use_triton)
         ctx.save_for_backward(x, A, a, c, mean, rstd)
-        ctx.groups, ctx.use_triton = groups, use_triton
-        y = _apply(x, a, c, use_triton)
+        ctx.groups, ctx.use_triton, ctx.resample = groups, use_triton, resample
+        y = _apply_triton(x, a, c, resample=resample) if resample else _apply(x, a, c, use_triton)
         return (y, x.view_as(x)) if passthrough else y
 
     @staticmethod
     def backward(ctx, dy, d_passthrough=None):
         x, A, a, c, mean, rstd = ctx.saved_tensors
+        if ctx.resample and dy is not None:
+            dy = _resample_adjoint(dy, ctx.resample)
         dx, dA, dC, _ = _backward(x, dy, A, a, c, mean, rstd, None, None, ctx.groups, ctx.use_triton, ctx.per_channel,
                                   extra=d_passthrough)
-        return dx, dA, dC, None, None, None
+        return dx, dA, dC, None, None, None, None
 
 
 _search_from = 0  # the smallest activation height whose fused convolutions cuDNN searches (0: all)
@@ -831,20 +872,23 @@ def input_conv(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bias: tor
 
 class _BiasAdd(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, bias, residual):
-        ctx.bias_dtype, ctx.has_residual = bias.dtype, residual is not None
+    def forward(ctx, h, bias, residual, resample: str | None):
+        ctx.bias_dtype, ctx.has_residual, ctx.resample = bias.dtype, residual is not None, resample
         h = _contiguous(h)
         if residual is not None:
             residual = _like(residual.to(h.dtype), h)
         if _use_triton(h):
-            return _bias_add_triton(h, bias.float().contiguous(), residual)
+            return _bias_add_triton(h, bias.float().contiguous(), residual, resample)
         y = h.float() + _bcast(bias.float(), h)
         return (y if residual is None else y + residual.float()).to(h.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         dout = _contiguous(dout)  # (once here rather than in each consumer: a channel slice of a concat's gradient)
-        return dout, _channel_totals(dout).to(ctx.bias_dtype), dout if ctx.has_residual else None
+        d_residual = None
+        if ctx.has_residual:
+            d_residual = _resample_adjoint(dout, ctx.resample) if ctx.resample else dout
+        return dout, _channel_totals(dout).to(ctx.bias_dtype), d_residual, None
 
 
 class _ConcatChannels(torch.autograd.Function):
@@ -941,6 +985,20 @@ class ChannelPair:
         return _joined_sums(*((_known_sums(t) or _partial_sums(t)) for t in (self.first, self.second)))
 
 
+def _resample_adjoint(dy: torch.Tensor, resample: str) -> torch.Tensor:
+    # the gradient through a 2x resampling: a 2 x 2 sum of the upsampled gradient, or a quarter of
+    # it repeated (Triton, channels_last)
+    up = resample == "up"
+    return _resample_triton(dy.contiguous(memory_format=torch.channels_last), not up, 1.0 if up else 0.25)
+
+
+def _fuses_resampling(x: torch.Tensor, resample: str | None) -> bool:
+    """Whether a fused pass can resample ``x`` as it writes (or reads) it: Triton, channels_last,
+    even height and width for pooling."""
+    return bool(resample) and _use_triton(x) and _is_channels_last(x) and (
+        resample == "up" or x.shape[2] % 2 == x.shape[3] % 2 == 0)
+
+
 class _Resample2x(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, up: bool):
@@ -949,9 +1007,19 @@ class _Resample2x(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        dy = dy.contiguous(memory_format=torch.channels_last)
-        # the adjoint: a 2 x 2 sum of the upsampled gradient, or a quarter of it repeated
-        return _resample_triton(dy, not ctx.up, 1.0 if ctx.up else 0.25), None
+        return _resample_adjoint(dy, "up" if ctx.up else "down"), None
+
+
+def block_resample(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """The official up/down blocks' resampling: nearest 2x upsampling (in x's dtype: CUDA autocast
+    would upsample in float32, and every later block would follow) or 2 x 2 average pooling;
+    ``resample2x`` for channels_last tensors (PyTorch's channels_last pooling and upsampling are slow)."""
+    if _is_channels_last(x):
+        return resample2x(x, up)
+    if up:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+    return F.avg_pool2d(x, kernel_size=2, stride=2)
 
 
 def resample2x(x: torch.Tensor, up: bool) -> torch.Tensor:
@@ -1006,15 +1074,24 @@ def _rows(A: torch.Tensor, C: torch.Tensor, batch: int) -> tuple[torch.Tensor, t
 
 
 def norm_affine_silu(x: torch.Tensor, groups: int, A: torch.Tensor, C: torch.Tensor, eps: float = 1e-5,
-                     passthrough: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     passthrough: bool = False,
+                     resample: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``SiLU(GroupNorm(x, groups, no affine) * A[..., None, None] + C[..., None, None])``.
 
     ``x`` (B, C, ...) in any float dtype, NCHW or channels_last (the output keeps both);
     ``A``, ``C`` per-sample (B, C) or per-channel (C,) scale and shift (computed in float32; a
     GroupNorm's own weight and bias are the per-channel case). Differentiable in all three.
     ``passthrough``: also return ``x`` (a view) for a residual path, as ``norm_affine_silu_conv``.
+    ``resample`` ("up" or "down"): the output 2x resampled (``block_resample``), on channels_last CUDA
+    tensors as it is written (the up/down blocks' norm: one pass instead of two).
     """
-    return _NormAffineSiLU.apply(*_prepare(x, groups, A, C), groups, eps, passthrough)
+    x, A, C = _prepare(x, groups, A, C)
+    if not resample or _fuses_resampling(x, resample):
+        return _NormAffineSiLU.apply(x, A, C, groups, eps, passthrough, resample)
+    out = _NormAffineSiLU.apply(x, A, C, groups, eps, passthrough, None)
+    y = out[0] if passthrough else out
+    y = block_resample(y, resample == "up")
+    return (y, out[1]) if passthrough else y
 
 
 def norm_affine_silu_conv(x: "torch.Tensor | ChannelPair", groups: int, A: torch.Tensor, C: torch.Tensor,
@@ -1067,8 +1144,12 @@ def skip_add(h: torch.Tensor, bias: torch.Tensor, x: "torch.Tensor | ChannelPair
     return bias_add(h, bias, F.conv2d(x, weight))
 
 
-def bias_add(h: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+def bias_add(h: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None,
+             resample: str | None = None) -> torch.Tensor:
     """``h + bias[c] (+ residual)`` in one pass, in ``h``'s dtype and memory format: a convolution's
     bias and a residual connection together (PyTorch's own broadcast bias add on channels_last
-    activations is a slow strided kernel)."""
-    return _BiasAdd.apply(h, bias, residual)
+    activations is a slow strided kernel). ``resample`` ("up" or "down"): the residual 2x resampled
+    to ``h``'s size first (an up/down block's skip path), on channels_last CUDA tensors as it is read."""
+    if residual is not None and resample and not (_fuses_resampling(residual, resample) and _is_channels_last(h)):
+        residual, resample = block_resample(residual, resample == "up"), None
+    return _BiasAdd.apply(h, bias, residual, resample if residual is not None else None)

@@ -102,18 +102,15 @@ class ResBlock(nn.Module):
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.up or self.down) and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            from .fused import resample2x  # (PyTorch's channels_last pooling and upsampling are slow)
+        if not (self.up or self.down):
+            return x
+        from .fused import block_resample  # (fast on channels_last tensors)
 
-            return resample2x(x, up=self.up)
-        if self.up:
-            # CUDA autocast would upsample in float32 (and every later block would follow); nearest
-            # upsampling only copies values, so keep the input's dtype.
-            with torch.autocast(x.device.type, enabled=False):
-                return F.interpolate(x, scale_factor=2, mode="nearest")
-        if self.down:
-            return F.avg_pool2d(x, kernel_size=2, stride=2)
-        return x
+        return block_resample(x, up=self.up)
+
+    @property
+    def _resampling(self) -> str | None:
+        return "up" if self.up else "down" if self.down else None
 
     def forward(self, x: "torch.Tensor | ChannelPair", emb: "torch.Tensor | FiLMTable", z: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) and not self._reads_pairs():
@@ -164,10 +161,10 @@ class ResBlock(nn.Module):
 
         norm1, _, conv1 = self.in_layers
         # x comes back as a view for the residual: both its gradients are summed in one pass
-        if self.up or self.down:
-            h, x = norm_affine_silu(x, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps, passthrough=True)
-            h = F.conv2d(self._resample(h), conv1.weight, padding=1)
-            x = self._resample(x)
+        if self.up or self.down:  # (both resampled as the passes write h and read x)
+            h, x = norm_affine_silu(x, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps, passthrough=True,
+                                    resample=self._resampling)
+            h = F.conv2d(h, conv1.weight, padding=1)
         else:
             h, x = norm_affine_silu_conv(x, norm1.num_groups, norm1.weight, norm1.bias, conv1.weight, eps=norm1.eps,
                                          recompute=self.recompute, passthrough=True)
@@ -176,8 +173,8 @@ class ResBlock(nn.Module):
                                   dropout=dropout.p if self.training else 0.0, eps=norm2.eps, recompute=self.recompute)
         if isinstance(self.skip_connection, nn.Conv2d):
             skip = self.skip_connection
-            return skip_add(h, conv2.bias + skip.bias, x, skip.weight)
-        return bias_add(h, conv2.bias, x)
+            return skip_add(h, conv2.bias + skip.bias, self._resample(x), skip.weight)
+        return bias_add(h, conv2.bias, x, resample=self._resampling)
 
 
 def _fold_films(weight, bias, s_t, b_t, s_z, b_z) -> tuple[torch.Tensor, torch.Tensor]:

@@ -332,6 +332,48 @@ def _resample_check(device: str, dtype=torch.float32) -> None:
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
 
 
+def _resampling_passes_check(device: str) -> float:
+    """The up/down blocks' passes that resample as they go (the norm writing its output resampled,
+    the residual add reading its residual resampled) against resampling in a pass of its own,
+    forward and backward; the worst relative error."""
+    from diffusionrig_core.fused import block_resample
+
+    g = torch.Generator().manual_seed(10)
+    worst = 0.0
+    for resample in ("up", "down"):
+        x = torch.randn(2, 64, 6, 4, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+        A, C = 1 + 0.3 * torch.randn(2, 64, generator=g), 0.3 * torch.randn(2, 64, generator=g)
+        size = (12, 8) if resample == "up" else (3, 2)
+        h = torch.randn(2, 64, *size, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+        bias = torch.randn(64, generator=g).to(device)
+        w1, w2 = (torch.randn(2, 64, *size, generator=g).to(device) for _ in range(2))
+        leaves = [t.detach().clone().requires_grad_() for t in (x, A.to(device), C.to(device), h, bias)]
+        results = []
+        for fused_resampling in (True, False):
+            x_, A_, C_, h_, b_ = (t.detach().clone().requires_grad_() for t in leaves)
+            if fused_resampling:
+                y, x_pass = norm_affine_silu(x_, 32, A_, C_, passthrough=True, resample=resample)
+                out = bias_add(h_, b_, x_pass, resample=resample)
+            else:
+                y, x_pass = norm_affine_silu(x_, 32, A_, C_, passthrough=True)
+                y = block_resample(y, resample == "up")
+                out = bias_add(h_, b_, block_resample(x_pass, resample == "up"))
+            assert y.shape == out.shape == h.shape and out.is_contiguous(memory_format=torch.channels_last)
+            grads = torch.autograd.grad((y * w1).sum() + (out * w2).sum(), (x_, A_, C_, h_, b_))
+            results.append((y, out, *grads))
+        worst = max([worst] + [float((a - b).detach().norm() / b.detach().norm()) for a, b in zip(*results)])
+    return worst
+
+
+def test_the_up_and_down_blocks_passes_resample_as_they_go_equal_to_resampling_on_its_own():
+    assert _resampling_passes_check("cpu") < 1e-6
+
+
+@pytest.mark.skipif(not triton_available(), reason="the Triton kernels need a CUDA GPU")
+def test_triton_passes_that_resample_as_they_go_equal_resampling_on_its_own():
+    assert _resampling_passes_check("cuda") < 1e-5
+
+
 def test_resample2x_equals_average_pooling_and_nearest_upsampling_forward_and_backward():
     _resample_check("cpu")
 

@@ -82,7 +82,7 @@ SCRIPT = textwrap.dedent('''
     T._concat_check("cpu", whole_gradients=True)
     worst = max([worst] + [T._input_conv_check("cpu", cl) for cl in (False, True)])
     worst = max(worst, T._handed_sums_check("cpu"))
-    worst = max(worst, T._channel_pair_check("cpu"))
+    worst = max(worst, T._channel_pair_check("cpu"), T._resampling_passes_check("cpu"))
     T._resample_check("cpu")
     T._dropout_mask_check("cpu")  # (through the Triton copy kernel: _use_triton is patched above)
     import test_optim  # optim.FlatAdam's kernels (the Adam of the captured training step)
