@@ -11,7 +11,7 @@ What changes numerically and what does not:
 
 Host time matters as much as GPU time here (a 256 step launches thousands of kernels):
 ``GraphedDenoiser`` replays a denoiser from one CUDA graph and ``CapturedStep`` a whole training
-step. Measured on an H100 (docs/PERFORMANCE.md): training 186-188 images/s at batch 32 (official recipe
+step. Measured on an H100 (docs/PERFORMANCE.md): training 188-191 images/s at batch 32 (official recipe
 63), DDIM-20 of one image 0.08 s (official 0.62 s), with no compilation warm-up. ``torch.compile``
 remains an option.
 

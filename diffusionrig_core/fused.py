@@ -28,7 +28,11 @@ tensors rather than two strided slices), the 2x resampling of the up/down blocks
 the dropout keep mask (``dropout_mask``), drawn before the norm's pass and applied inside it.
 The residual add and the concatenation also leave the channel sums of what they write with it, so
 the norm that reads it next skips its statistics pass; the UNet's first convolution runs on its
-inputs stacked to 16 channels with the bias in a channel of ones (``input_conv``).
+inputs stacked to 16 channels with the bias in a channel of ones (``input_conv``). The up/down
+blocks' norm writes its output already resampled and their residual add reads the skip path
+resampled (``resample=``). In inference the decoder's concatenation is not written at all
+(``ChannelPair``): its block's first norm reads both halves, and its 1x1 skip convolution, bias,
+residual add and channel sums are one pass (``skip_add``).
 
 Works in NCHW and channels_last alike: only per-channel sums are reduced on the big tensor, the
 groups are combined on the (B, C) sums. On CUDA the four passes are Triton kernels; elsewhere (the
