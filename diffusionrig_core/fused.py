@@ -1142,7 +1142,7 @@ def skip_add(h: torch.Tensor, bias: torch.Tensor, x: "torch.Tensor | ChannelPair
     skip convolution. ``x`` a ChannelPair: one pass over both halves and ``h`` (``_skip_add_kernel``),
     which also leaves the output's channel sums for the next norm."""
     if isinstance(x, ChannelPair):
-        if _skip_add_block(h.shape[2] * h.shape[3]) and _is_channels_last(h):
+        if _skip_add_block(h.shape[2] * h.shape[3]) and _is_channels_last(h) and h.dtype == x.first.dtype:
             return _skip_add_triton(h, bias.float().contiguous(), x, weight)
         x = x.joined()
     return bias_add(h, bias, F.conv2d(x, weight))
