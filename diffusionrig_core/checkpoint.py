@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import CheckpointError
-from .files import Written
+from .files import Written, atomic_save_safetensors
 from .model import DEFAULT_CHANNEL_MULT, DiffusionRig, ModelConfig
 
 __all__ = ["infer_config", "load_model", "save_model", "convert_checkpoint", "load_state_dict", "CONFIG_KEY"]
@@ -353,8 +353,6 @@ class ModelFile:
     def save(self, path: str | os.PathLike) -> Written:
         """Write the file atomically (a checkpoint writes ``tensors`` and ``header`` into its own
         temporary folder instead)."""
-        from .files import atomic_save_safetensors
-
         return atomic_save_safetensors(self.tensors, path, self.header)
 
 

@@ -568,6 +568,9 @@ def _coefficients_triton(x, A, C, beta, groups: int, eps: float):
     return a, c, mean, rstd, raw
 
 
+_RESAMPLE_CODES = {None: 0, "up": 1, "down": 2}  # the kernels' RESAMPLE
+
+
 def _resampled_shape(x, resample: str | None) -> tuple[int, ...]:
     B, C, H, W = x.shape
     return {None: (B, C, H, W), "up": (B, C, 2 * H, 2 * W), "down": (B, C, H // 2, W // 2)}[resample]
@@ -592,7 +595,7 @@ def _apply_triton(x, a, c, mask=None, scale: float = 1.0, dy=None, u=None, v=Non
         first, second, dy if backward else first, a, c, u if backward else a, v if backward else a,
         first if mask is None else mask, first if extra is None else extra, y, n, C, first.shape[1],
         y.shape[2:].numel(), y.shape[-1], scale, CHANNELS_LAST=pair or _is_channels_last(x), PAIR=pair,
-        RESAMPLE={None: 0, "up": 1, "down": 2}[resample], BACKWARD=backward, HAS_MASK=mask is not None,
+        RESAMPLE=_RESAMPLE_CODES[resample], BACKWARD=backward, HAS_MASK=mask is not None,
         HAS_EXTRA=extra is not None, BLOCK=block, num_warps=8)
     return y
 
@@ -619,7 +622,7 @@ def _bias_add_sums_triton(h, bias, residual=None, resample: str | None = None):
     grid, out1, out2, chunk, tiles = _sums_grid(h, True, max_c=128, block_hw=64, per_sm=8, stages=2)
     _bias_add_sums_kernel[grid](h, h if residual is None else residual, bias, y, out1, out2, h.shape[1],
                                 h[0, 0].numel(), h.shape[-1], chunk, HAS_RESIDUAL=residual is not None,
-                                RESAMPLE={None: 0, "up": 1, "down": 2}[resample], **tiles)
+                                RESAMPLE=_RESAMPLE_CODES[resample], **tiles)
     return _remember_sums(y, out1, out2)
 
 

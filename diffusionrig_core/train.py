@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from .data import RigDataset
-from .files import (Written, atomic_link, atomic_write_bytes, atomic_write_json, fsync_dir, piece_digest,
+from .files import (atomic_link, atomic_write_bytes, atomic_write_json, fsync_dir, piece_digest,
                     save_safetensors, sha256_file)
 from .errors import CheckpointError, InputError, TrainingError
 
@@ -313,11 +313,6 @@ def _write_file_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Written:
-    """A checkpoint's tensor file, streamed to disk, fsynced and hashed as it is written."""
-    return save_safetensors(path, tensors, metadata)
 
 
 def _state_to_file(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -1004,7 +999,7 @@ class Trainer:
 
         def write(contents: list[tuple[str, dict[str, torch.Tensor], dict[str, str]]]) -> list[tuple[str, dict[str, Any]]]:
             with snap.off_the_training_stream():
-                return [(name, dataclasses.asdict(_save_file(tmp / name, tensors, meta))) for name, tensors, meta in contents]
+                return [(name, dataclasses.asdict(save_safetensors(tmp / name, tensors, meta))) for name, tensors, meta in contents]
 
         try:
             with ThreadPoolExecutor(2, thread_name_prefix="diffusionrig-checkpoint") as pool:

@@ -335,7 +335,7 @@ class Engine:
                 return self._fits[key]
         # A demo sample uploaded back (Gradio copies example files) is fitted from the original,
         # whose params.json sidecar holds the true parameters.
-        source = self._sample_by_digest().get(digest, path)
+        source = self.samples_by_digest().get(digest, path)
         from diffusionrig_core import pipeline
 
         try:
@@ -356,7 +356,8 @@ class Engine:
                 self._fits.popitem(last=False)
         return portrait
 
-    def _sample_by_digest(self) -> dict[str, Path]:
+    def samples_by_digest(self) -> dict[str, Path]:
+        """The sample photos by the SHA-256 of their contents (a copy Gradio uploads back is the same photo)."""
         with self._lock:
             if self._samples_digest is None:
                 self._samples_digest = {sha256_file(p): p for p in self.sample_photos().values() if p.is_file()}

@@ -510,7 +510,7 @@ def train_album(engine: Engine, files: Any, base_model: str | None, steps: Any =
         raise TrainingError("none of the photos can be used (see the rejected list); "
                             "upload photos where one face is clearly visible")
     base_path = engine.resolve_model(base_model)
-    samples = {sha256_file(p): p for p in engine.sample_photos().values() if p.is_file()}
+    samples = engine.samples_by_digest()
     photos = [samples.get(sha256_file(p), p) for p in album.accepted]
     label = f"personal: {_slug(name)} ({time.strftime('%H%M%S')})"
     out_dir = engine.work_dir / "models"

@@ -160,7 +160,7 @@ def test_a_half_written_checkpoint_is_never_read_as_valid(tmp_path, data, base, 
     ck = run / "checkpoints"
 
     # 1. a crash while step 3's checkpoint is being written: latest.json still names step 2
-    real = T._save_file
+    real = T.save_safetensors
 
     def crash_on_state(path, tensors, metadata):
         written = real(path, tensors, metadata)
@@ -169,7 +169,7 @@ def test_a_half_written_checkpoint_is_never_read_as_valid(tmp_path, data, base, 
             raise OSError("disk full")
         return written
 
-    monkeypatch.setattr(T, "_save_file", crash_on_state)
+    monkeypatch.setattr(T, "save_safetensors", crash_on_state)
     with pytest.raises(OSError, match="disk full"):
         train(TrainConfig.tiny(2, max_steps=3, save_interval=1, keep_checkpoints=3), data["six"], run, base=base,
               progress=False)
@@ -199,13 +199,13 @@ def test_a_checkpoint_written_in_the_background_holds_the_step_it_was_taken_at(t
     trainer = T.Trainer(TrainConfig.tiny(2, max_steps=3, save_interval=0), data["six"], tmp_path / "run", base=base,
                         progress=False)
     gate = threading.Event()
-    real = T._save_file
+    real = T.save_safetensors
 
     def held(path, tensors, metadata):  # the writer waits until the test has trained on
         assert gate.wait(30)
         return real(path, tensors, metadata)
 
-    monkeypatch.setattr(T, "_save_file", held)
+    monkeypatch.setattr(T, "save_safetensors", held)
     try:
         batches = trainer._batches()
         trainer._update(*next(batches))
@@ -227,8 +227,8 @@ def test_the_final_model_is_its_last_checkpoints_model_file_written_once(tmp_pat
     from diffusionrig_core import checkpoint
 
     written = []
-    real = T._save_file
-    monkeypatch.setattr(T, "_save_file", lambda path, *a: written.append(path.name) or real(path, *a))
+    real = T.save_safetensors
+    monkeypatch.setattr(T, "save_safetensors", lambda path, *a: written.append(path.name) or real(path, *a))
     monkeypatch.setattr(checkpoint.ModelFile, "save", lambda *a, **k: pytest.fail("the final model was written again"))
     run = tmp_path / "run"
     path = train(TrainConfig.tiny(2, max_steps=2, save_interval=0), data["six"], run, base=base, progress=False)
